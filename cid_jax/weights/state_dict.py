@@ -1,0 +1,227 @@
+"""Reading and writing flat PyTorch-style state dicts as numpy, and mapping them onto Flax trees.
+
+A state dict here is `dict[str, np.ndarray]` keyed by PyTorch names (`down_blocks.0.resnets.1.conv1.weight`).
+safetensors files are read without torch; pickled `.bin`/`.pth` files only through
+`torch.load(weights_only=True)`, so no code inside a checkpoint ever runs.
+
+The Flax side uses the diffusers-Flax / transformers-Flax parameter names
+(`down_blocks_0/resnets_1/conv1/kernel`). `torch_key` turns one Flax path into its PyTorch key
+by explicit rules: only the names in `LIST_NAMES` are PyTorch lists (`down_blocks_0` -> `down_blocks.0`),
+so a module named `linear_1` stays `linear_1` (the pitfall of regex-based converters).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+StateDict = dict[str, np.ndarray]
+
+# Flax submodule names `<name>_<i>` that stand for element i of a PyTorch ModuleList/Sequential.
+LIST_NAMES = frozenset({
+    "down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks", "downsamplers",
+    "upsamplers", "layers", "to_out", "net",
+})
+
+
+class WeightsError(ValueError):
+    """A checkpoint does not fit the model: names the keys or shapes involved."""
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def _torch_load(path: os.PathLike) -> dict:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            f"Reading the pickled checkpoint {path} needs PyTorch (pip install 'cid_jax[torch]'); "
+            "safetensors files need no torch."
+        ) from e
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:  # numpy has no bf16: widen, exactly
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def flatten_nested(tree: Mapping, sep: str = ".") -> dict:
+    """{'a': {'b': x}} -> {'a.b': x} (for nested reference checkpoints)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            for k2, v2 in flatten_nested(v, sep).items():
+                out[f"{k}{sep}{k2}"] = v2
+        else:
+            out[k] = v
+    return out
+
+
+def read_state_dict(path: os.PathLike) -> StateDict:
+    """Reads a `.safetensors`, `.bin`, `.pth` or `.pt` file into a flat numpy state dict.
+
+    Nested pickled dicts (the reference ConsistentID `.bin`) are flattened with '.'.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except TypeError:  # bf16 tensors: numpy cannot hold them, go through the flax reader
+            from safetensors.flax import load_file as load_flax
+
+            return {k: np.asarray(v, dtype=np.float32) for k, v in load_flax(str(path)).items()}
+    if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
+        obj = _torch_load(path)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        flat = flatten_nested(obj)
+        return {k: _to_numpy(v) for k, v in flat.items() if hasattr(v, "detach")}
+    raise WeightsError(f"unknown checkpoint format {path.suffix!r} for {path}")
+
+
+def read_sharded_folder(folder: os.PathLike, stem: str) -> StateDict:
+    """Reads `<stem>.safetensors` (or `.bin`), or the shards listed in `<stem>.safetensors.index.json`.
+
+    `stem` is e.g. 'diffusion_pytorch_model' or 'model'. Prefers safetensors, as diffusers does.
+    """
+    import json
+
+    folder = pathlib.Path(folder)
+    for ext in (".safetensors", ".bin"):
+        single = folder / f"{stem}{ext}"
+        if single.exists():
+            return read_state_dict(single)
+        index = folder / f"{stem}{ext}.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out: StateDict = {}
+            for shard in shards:
+                out.update(read_state_dict(folder / shard))
+            return out
+    raise FileNotFoundError(
+        f"no {stem}.safetensors or {stem}.bin (or a sharded index) in {folder}: "
+        "expected a folder written by save_pretrained")
+
+
+def write_safetensors_atomic(tensors: Mapping[str, np.ndarray], path: os.PathLike,
+                             metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a safetensors file via a temp file and rename, so a crash never leaves half a file."""
+    from safetensors.numpy import save_file
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                  metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -------------------------------------------------------------------------------- name mapping
+
+
+def torch_component(name: str) -> str:
+    """One Flax module name -> its PyTorch path segment (`down_blocks_0` -> `down_blocks.0`)."""
+    head, sep, tail = name.rpartition("_")
+    if sep and tail.isdigit() and head in LIST_NAMES:
+        return f"{head}.{tail}"
+    return name
+
+
+def torch_key(path: tuple[str, ...], ndim: int) -> str:
+    """A Flax param path -> its PyTorch state-dict key.
+
+    kernel -> weight (Dense or Conv), scale -> weight (norms), embedding -> weight (Embed).
+    """
+    *modules, leaf = path
+    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    return ".".join([torch_component(m) for m in modules] + [leaf])
+
+
+def torch_to_flax_array(path: tuple[str, ...], value: np.ndarray, flax_ndim: int) -> np.ndarray:
+    """PyTorch layout -> Flax layout for one tensor (Linear W.T, Conv OIHW -> HWIO)."""
+    if path[-1] == "kernel":
+        if value.ndim == 4:
+            return np.transpose(value, (2, 3, 1, 0))
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def flax_to_torch_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Flax layout -> PyTorch layout (inverse of `torch_to_flax_array`)."""
+    if path[-1] == "kernel":
+        if value.ndim == 4:
+            return np.transpose(value, (3, 2, 0, 1))
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+KeyFn = Callable[[tuple[str, ...], int], str]
+
+
+def load_into(abstract_params, state_dict: Mapping[str, np.ndarray], *, what: str,
+              key_fn: KeyFn = torch_key, ignore: Iterable[str] = (),
+              dtype=np.float32) -> dict:
+    """Fills a Flax param tree (shapes from `jax.eval_shape(model.init, ...)`) from a state dict.
+
+    Strict in both directions: every Flax param needs its key, every state-dict key must be used
+    (except those matching a prefix in `ignore`), and shapes must agree after the layout change.
+    Errors name the keys and both shapes.
+    """
+    flat = traverse_util.flatten_dict(abstract_params)
+    out, used, missing, bad_shapes = {}, set(), [], []
+    for path, leaf in flat.items():
+        key = key_fn(path, len(leaf.shape))
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        value = torch_to_flax_array(path, np.asarray(state_dict[key]), len(leaf.shape))
+        if tuple(value.shape) != tuple(leaf.shape):
+            bad_shapes.append(f"{key}: checkpoint {tuple(np.asarray(state_dict[key]).shape)} "
+                              f"(as Flax {tuple(value.shape)}) vs model {tuple(leaf.shape)} at {'/'.join(path)}")
+            continue
+        used.add(key)
+        out[path] = value.astype(dtype)
+    ignore = tuple(ignore)
+    unexpected = sorted(k for k in state_dict if k not in used and not k.startswith(ignore))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:20])
+                        + (" ..." if len(missing) > 20 else ""))
+    if bad_shapes:
+        problems.append(f"{len(bad_shapes)} shape mismatch(es): " + "; ".join(bad_shapes[:20]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:20])
+                        + (" ..." if len(unexpected) > 20 else ""))
+    if problems:
+        raise WeightsError(f"{what}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return traverse_util.unflatten_dict(out)
+
+
+def export_from(params, *, key_fn: KeyFn = torch_key, dtype=np.float32) -> StateDict:
+    """A Flax param tree -> a flat PyTorch state dict (numpy)."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value)
+        out[key_fn(path, value.ndim)] = np.ascontiguousarray(
+            flax_to_torch_array(path, value).astype(dtype))
+    return out

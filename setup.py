@@ -1,0 +1,44 @@
+"""cid_jax: ConsistentID (identity-preserving portrait generation) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Tested versions are pinned in requirements/constraints.txt; these are the ranges we support.
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "chex>=0.1.92",
+    "ml-collections>=1.1.0",
+    "absl-py>=2.5.1",
+    "numpy>=2.0",
+    "safetensors>=0.8.0",
+    "pillow>=11.0",
+    "regex",
+    "tqdm",
+    "tensorboardX>=2.6",
+    "scikit-image>=0.26",  # offline frontal-face detector and real test photos
+]
+
+EXTRAS = {
+    # tf.data input pipeline and the tfds builder for FGID records.
+    "data": ["tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10"],
+    # PyTorch parity references and export checks. Exactly 2.13.0: other specs pull a CUDA build here.
+    "torch": ["torch==2.13.0", "diffusers>=0.42", "transformers>=5.0"],
+    # Face detection and ArcFace embeddings through insightface (needs opencv-python, not headless).
+    "face": ["insightface>=2.1", "onnxruntime>=1.31", "opencv-python", "onnx"],
+    # Ahead-of-time compilation for TPU topologies on a CPU machine.
+    "tpu": ["libtpu"],
+    "dev": ["pytest>=8"],
+}
+EXTRAS["all"] = sorted({d for k, deps in EXTRAS.items() if k != "tpu" for d in deps})
+
+setup(
+    name="cid_jax",
+    version="0.1.0",
+    description="ConsistentID in JAX/Flax: train identity adapters on TPU/GPU, export to PyTorch",
+    packages=find_packages(include=["cid_jax", "cid_jax.*"]),
+    package_data={"cid_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
