@@ -1,0 +1,42 @@
+"""Text side of ConsistentID: the CLIP BPE tokenizer and the facial-marker prompt logic."""
+from cid_jax.text.facial_prompts import (
+    DEFAULT_CAPTION_SD15,
+    DEFAULT_CAPTION_SDXL,
+    FACIAL_TOKEN,
+    FACIAL_WORDS,
+    IMAGE_TOKEN,
+    PART_LABELS,
+    PART_WORDS,
+    REFERENCE_PARTS,
+    FacialTokens,
+    add_trigger_tokens,
+    compose_inference_prompt,
+    compose_training_text,
+    first_sentence,
+    pair_parts_to_words,
+    process_text_with_markers,
+    remove_duplicate_keywords,
+    tokenize_facial_prompt,
+)
+from cid_jax.text.tokenizer import CLIPTokenizer
+
+__all__ = [
+    "CLIPTokenizer",
+    "DEFAULT_CAPTION_SD15",
+    "DEFAULT_CAPTION_SDXL",
+    "FACIAL_TOKEN",
+    "FACIAL_WORDS",
+    "IMAGE_TOKEN",
+    "PART_LABELS",
+    "PART_WORDS",
+    "REFERENCE_PARTS",
+    "FacialTokens",
+    "add_trigger_tokens",
+    "compose_inference_prompt",
+    "compose_training_text",
+    "first_sentence",
+    "pair_parts_to_words",
+    "process_text_with_markers",
+    "remove_duplicate_keywords",
+    "tokenize_facial_prompt",
+]
