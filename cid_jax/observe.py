@@ -1,0 +1,140 @@
+"""What a run shows: console progress, TensorBoard scalars/images, and the PNG summaries in workdir.
+
+Only process 0 writes; the other hosts get no-op writers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image, ImageDraw
+
+
+def progress(total: int, start: int):
+    """A tqdm bar on process 0 (a silent one elsewhere)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0)
+
+
+def plot_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], path: pathlib.Path,
+                size=(900, 300)) -> None:
+    """Small line plots (one panel per key) drawn with PIL, so no plotting library is needed."""
+    if not history:
+        return
+    w, h = size
+    img = Image.new("RGB", (w, h * len(keys)), "white")
+    draw = ImageDraw.Draw(img)
+    steps = np.array([r["step"] for r in history], np.float64)
+    for i, key in enumerate(keys):
+        ys = np.array([r.get(key, np.nan) for r in history], np.float64)
+        top, left, right, bottom = i * h + 25, 60, w - 15, (i + 1) * h - 25
+        draw.rectangle([left, top, right, bottom], outline="black")
+        finite = ys[np.isfinite(ys)]
+        if finite.size == 0:
+            continue
+        lo, hi = float(finite.min()), float(finite.max())
+        hi = hi if hi > lo else lo + 1e-12
+        x0, x1 = steps.min(), max(steps.max(), steps.min() + 1)
+        pts = [(left + (s - x0) / (x1 - x0) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
+               for s, y in zip(steps, ys) if np.isfinite(y)]
+        if len(pts) > 1:
+            draw.line(pts, fill=(200, 40, 40), width=2)
+        draw.text((left, top - 18), f"{key}  (min {lo:.4g}, max {hi:.4g}, last {finite[-1]:.4g})", fill="black")
+        draw.text((left, bottom + 5), f"step {int(x0)}", fill="black")
+        draw.text((right - 80, bottom + 5), f"step {int(x1)}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def attention_overlay(image: np.ndarray, maps: np.ndarray, valid: np.ndarray) -> Image.Image:
+    """Input image next to each facial word's attention (averaged over heads and layers).
+
+    image [H, W, 3] in [-1, 1]; maps [K, side, side]; valid [K]."""
+    base = Image.fromarray(((np.asarray(image) + 1) * 127.5).clip(0, 255).astype(np.uint8))
+    tiles = [base]
+    for m, ok in zip(maps, valid):
+        if not ok:
+            continue
+        heat = (m - m.min()) / (m.max() - m.min() + 1e-8)
+        heat = Image.fromarray((heat * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
+        red = Image.merge("RGB", (heat, Image.new("L", base.size, 0), Image.new("L", base.size, 0)))
+        tiles.append(Image.blend(base, red, 0.6))
+    out = Image.new("RGB", (base.width * len(tiles), base.height))
+    for i, t in enumerate(tiles):
+        out.paste(t, (i * base.width, 0))
+    return out
+
+
+def facial_attention_maps(model, frozen, trainable, batch, t: int = 400):
+    """[K, side, side] attention of each facial word, first sample, mean over heads and layers.
+
+    The clean latents are noised to step `t` with a fixed key so images are comparable over time."""
+    import jax.numpy as jnp
+
+    one = {k: v[:1] for k, v in batch.items()}
+    latents = model.encode_latents(frozen, one["pixel_values"], jax.random.key(0))
+    noisy = latents + 0.5 * jax.random.normal(jax.random.key(1), latents.shape)
+    context, added = model.conditioning(frozen, trainable, one)
+    _, maps = model.predict_noise(frozen, trainable, noisy, jnp.array([t]), context, added,
+                                  facial_token_idx=one["facial_token_idx"], capture=True)
+    if not maps:
+        return None
+    side = max(int(math.isqrt(m.shape[2])) for m in maps.values())
+    resized = [jax.image.resize(jnp.mean(m[0], axis=0).T.reshape(-1, int(math.isqrt(m.shape[2])),
+                                                                  int(math.isqrt(m.shape[2]))),
+                                (m.shape[-1], side, side), "bilinear") for m in maps.values()]
+    return np.asarray(jax.device_get(jnp.mean(jnp.stack(resized), axis=0)))
+
+
+class Writer:
+    """TensorBoard (tensorboardX) + metrics.jsonl + PNGs under the workdir; no-op off process 0."""
+
+    def __init__(self, workdir: pathlib.Path, config):
+        self.workdir = pathlib.Path(workdir)
+        self.active = jax.process_index() == 0
+        self._tb = None
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"train/{k}", v, step)
+        self._jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
+        self._jsonl.flush()
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def attention_images(self, step: int, model, frozen, trainable, batch) -> None:
+        """Facial-token attention maps of the first sample over its input image."""
+        if not self.active:
+            return
+        maps = facial_attention_maps(model, frozen, trainable, batch)
+        if maps is None:
+            return
+        image = np.asarray(jax.device_get(batch["pixel_values"]))[0]
+        valid = np.asarray(jax.device_get(batch["facial_token_idx_mask"]))[0]
+        pic = attention_overlay(image, maps, valid)
+        path = self.workdir / "images" / f"attention_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pic.save(path)
+        self._tb.add_image("attention/facial_tokens", np.asarray(pic), step, dataformats="HWC")
+
+    def close(self, history: Sequence[Mapping[str, float]]) -> None:
+        if not self.active:
+            return
+        plot_curves(history, ["loss", "noise_loss", "facial_loss", "grad_norm"],
+                    self.workdir / "loss_curves.png")
+        self._tb.close()
+        self._jsonl.close()

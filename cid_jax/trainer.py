@@ -1,0 +1,340 @@
+"""Sharded, resumable ConsistentID training: state, step, checkpoints and the loop.
+
+Read top to bottom: the mesh and the models come from the config; the frozen weights are placed on
+the mesh by the logical sharding rules (FSDP over `fsdp`); the trainable weights and their AdamW
+state likewise; one jitted step (explicit in/out shardings, donated state) computes
+
+    loss = noise MSE (foreground-masked for the flagged samples) + lambda * facial localization loss
+
+orbax saves the state with the config and the data position (= the step: the input pipeline is
+deterministic in (seed, step)); a restart resumes from the latest checkpoint, SIGTERM saves and exits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+
+from cid_jax import losses, schedulers, sharding
+from cid_jax.models import build as build_lib
+from cid_jax.models.consistentid import ConsistentID
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any          # trainable tree: {"unet": adapters, "facial_encoder": ..., "image_proj": ...}
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+def validate(config) -> None:
+    """Fails before any compile, with the fix in the message, when the config cannot run."""
+    n_dev = jax.device_count()
+    mesh_size = (n_dev // config.mesh.fsdp) if config.mesh.data == -1 else config.mesh.data
+    if config.mesh.data != -1 and config.mesh.data * config.mesh.fsdp != n_dev:
+        raise ValueError(f"mesh data={config.mesh.data} x fsdp={config.mesh.fsdp} does not match the "
+                         f"{n_dev} devices: set --config.mesh.data=-1 to use them all")
+    if n_dev % config.mesh.fsdp:
+        raise ValueError(f"--config.mesh.fsdp={config.mesh.fsdp} does not divide {n_dev} devices")
+    del mesh_size
+    if config.train.global_batch % n_dev:
+        raise ValueError(f"--config.train.global_batch={config.train.global_batch} is not divisible by "
+                         f"the {n_dev} devices; use a multiple of {n_dev}")
+    micro = config.train.global_batch // max(1, config.optim.grad_accum)
+    if config.train.global_batch % max(1, config.optim.grad_accum) or micro % n_dev:
+        raise ValueError(f"global_batch {config.train.global_batch} / grad_accum {config.optim.grad_accum} "
+                         f"must be a whole multiple of the {n_dev} devices")
+    problems = build_lib.missing_weight_folders(config)
+    if problems:
+        raise FileNotFoundError("base model weights not found:\n  " + "\n  ".join(problems)
+                                + "\nPoint the config at local copies (see README 'Weights').")
+    if config.model.facial_loss_mode not in ("cross", "self", "none"):
+        raise ValueError("--config.model.facial_loss_mode must be 'cross' (paper), 'self' (reference "
+                         "training code) or 'none'")
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW as the reference (lr 1e-4 constant, betas (0.9, 0.999), wd 1e-2, eps 1e-8)."""
+    o = config.optim
+    lr = optax.warmup_constant_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr
+    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    if o.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+    if o.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
+    return tx
+
+
+# --------------------------------------------------------------------------------------- step
+
+
+def make_train_step(model: ConsistentID, tx, config) -> Callable:
+    """(state, frozen, batch, rng) -> (state, metrics); pure, to be jitted with shardings."""
+    sched = schedulers.NoiseSchedule.create(
+        schedulers.SchedulerConfig.from_config(dict(config.noise), "DDPMScheduler"))
+    lam = float(config.train.facial_loss_weight)
+    capture = config.model.facial_loss_mode != "none" and lam > 0
+
+    def train_step(state: TrainState, frozen, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        k_latent, k_noise, k_t = jax.random.split(rng, 3)
+        latents = model.encode_latents(jax.lax.stop_gradient(frozen), batch["pixel_values"], k_latent)
+        noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+        t = schedulers.sample_timesteps(k_t, latents.shape[0], sched)
+        noisy = schedulers.add_noise(sched, latents, noise, t)
+        target = schedulers.training_target(sched, latents, noise, t)
+
+        def loss_fn(params):
+            context, added = model.conditioning(frozen, params, batch)
+            pred, maps = model.predict_noise(frozen, params, noisy, t, context, added,
+                                             facial_token_idx=batch["facial_token_idx"], capture=capture)
+            noise_loss = losses.noise_mse(pred, target, batch.get("foreground_mask"),
+                                          batch.get("use_foreground_loss"))
+            facial = (losses.facial_localization_loss(maps, batch["facial_masks"],
+                                                      batch["facial_token_idx_mask"])
+                      if capture else jnp.zeros((), jnp.float32))
+            return noise_loss + lam * facial, dict(noise_loss=noise_loss, facial_loss=facial)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), **aux)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(model: ConsistentID, tx, config, placement: "Placement", batch_ndims: Mapping[str, int]):
+    """The one jitted train step (explicit shardings, donated state) that `train` runs and
+    `cid_jax.aot` compiles for TPU topologies."""
+    batch_sh = {k: placement.batch(n) for k, n in batch_ndims.items()}
+    return jax.jit(make_train_step(model, tx, config),
+                   in_shardings=(placement.state, placement.frozen, batch_sh, None),
+                   out_shardings=(placement.state, None), donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------- placement
+
+
+@dataclasses.dataclass
+class Placement:
+    """Shardings of everything the step touches, derived once from the config."""
+    mesh: Mesh
+    frozen: Any
+    state: Any
+
+    def batch(self, ndim: int) -> NamedSharding:
+        return sharding.batch_sharding(self.mesh, ndim)
+
+
+def abstract_trees(model: ConsistentID, tx, key):
+    """Boxed (logically annotated) abstract frozen/trainable trees and the abstract opt state."""
+    frozen = jax.eval_shape(lambda k: build_lib.init_frozen_random(model, k, unbox=False), key)
+    trainable = jax.eval_shape(
+        lambda k: build_lib.init_trainable(model, flax.linen.meta.unbox(
+            build_lib.init_frozen_random(model, k)), k, unbox=False), key)
+    return frozen, trainable
+
+
+def make_placement(model: ConsistentID, tx, mesh: Mesh, key) -> Placement:
+    frozen_abs, train_abs = abstract_trees(model, tx, key)
+    frozen_sh = sharding.param_shardings(frozen_abs, mesh)
+    train_sh = sharding.param_shardings(train_abs, mesh)
+    opt_abs = jax.eval_shape(tx.init, flax.linen.meta.unbox(train_abs))
+    # Optimizer moments mirror the params they belong to; counters are replicated.
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, train_sh,
+                                   transform_non_params=lambda _: sharding.replicated(mesh))
+    state_sh = TrainState(step=sharding.replicated(mesh), params=train_sh, opt_state=opt_sh)
+    return Placement(mesh, frozen_sh, state_sh)
+
+
+def batch_spec(config, model: ConsistentID, batch: int | None = None) -> dict:
+    """Shapes and dtypes of one global training batch (the input pipeline's contract)."""
+    b = batch or config.train.global_batch
+    r, m = config.data.resolution, config.data.mask_resolution
+    clip = model.vision.config.image_size
+    f32, i32 = np.float32, np.int32
+    spec = dict(
+        pixel_values=((b, r, r, 3), f32), clip_image=((b, clip, clip, 3), f32),
+        part_clip_images=((b, 5, clip, clip, 3), f32), facial_masks=((b, 5, m, m), f32),
+        foreground_mask=((b, r, r), f32), input_ids=((b, 77), i32), facial_token_mask=((b, 77), bool),
+        facial_token_idx=((b, 5), i32), facial_token_idx_mask=((b, 5), bool), id_embedding=((b, 512), f32),
+        use_foreground_loss=((b,), bool))
+    if model.is_sdxl:
+        spec["time_ids"] = ((b, 6), f32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
+
+
+def global_batch(local: Mapping[str, np.ndarray], placement: Placement) -> dict:
+    """Host-local numpy batch -> global jax.Arrays sharded over the batch axis (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(placement.batch(np.ndim(v)), np.asarray(v))
+            for k, v in local.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: pathlib.Path, config):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=config.checkpoint.every_steps, max_to_keep=config.checkpoint.keep,
+        enable_async_checkpointing=config.checkpoint.get("async_save", True), create=True)
+    return ocp.CheckpointManager(str((workdir / "checkpoints").absolute()), options=options,
+                                 item_names=("state", "meta"))
+
+
+def save(manager, state: TrainState, config, *, force: bool = False) -> bool:
+    import orbax.checkpoint as ocp
+
+    step = int(jax.device_get(state.step))
+    meta = dict(step=step, data_position=step, seed=config.seed, config=config.to_json())
+    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def restore_latest(manager, abstract_state: TrainState):
+    """(state, meta) of the newest checkpoint, or (None, None) when there is none."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None, None
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+
+def _abstract_like(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ------------------------------------------------------------------------------------ loop
+
+
+class _Preemption:
+    """SIGTERM -> finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. under some test runners)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    history: list            # per logged step: dict of floats
+    workdir: pathlib.Path
+    preempted: bool = False
+    trainable: Any = None
+
+
+def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator] | None = None) -> RunResult:
+    """Runs (or resumes) training. `batches(start_step)` yields host-local numpy batches; by
+    default the FGID tf.data pipeline from `config.data`."""
+    from cid_jax import observe
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    key = jax.random.key(config.seed)
+    k_model, k_step = jax.random.split(key)
+    tx = make_optimizer(config)
+
+    logging.info("building models (%s)", "tiny random" if config.model.get("tiny") else config.model.base)
+    model, frozen, trainable = build_lib.build(config, k_model)
+    placement = make_placement(model, tx, mesh, k_model)
+    frozen = jax.device_put(frozen, placement.frozen)
+    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                    out_shardings=placement.state)(trainable)
+    del trainable
+
+    manager = checkpoint_manager(workdir, config)
+    restored, meta = restore_latest(manager, _abstract_like(state))
+    if restored is not None:
+        state = restored
+        logging.info("resumed from step %d (data position %d)", int(state.step), meta["data_position"])
+    start = int(jax.device_get(state.step))
+
+    if batches is None:
+        from cid_jax.data import pipeline
+
+        batches = lambda s: pipeline.train_batches(config, start_step=s)  # noqa: E731
+    it = batches(start)
+    first = next(it, None)
+    if first is None:
+        raise RuntimeError("the input pipeline produced no batch")
+    first = global_batch(first, placement)
+    jitted = jit_train_step(model, tx, config, placement, {k: v.ndim for k, v in first.items()})
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, frozen, first, k_step).compile()
+    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+    logging.info("train step compiled in %.1f s (%.3g GFLOP per step)", time.perf_counter() - t0, flops / 1e9)
+
+    writer = observe.Writer(workdir, config)
+    preempt = _Preemption()
+    history, step, preempted = [], start, False
+    total = config.train.num_steps
+    progress = observe.progress(total, start)
+    pending_batch = first
+    try:
+        while step < total:
+            batch = pending_batch if pending_batch is not None else global_batch(next(it), placement)
+            pending_batch = None
+            t_step = time.perf_counter()
+            state, metrics = compiled(state, frozen, batch, k_step)
+            step += 1
+            if step % config.train.log_every == 0 or step == total or step == start + 1:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t_step
+                metrics.update(step_time_s=dt, samples_per_s=config.train.global_batch / dt,
+                               tflops_per_device=flops / dt / 1e12 / jax.device_count(),
+                               lr=float(config.optim.lr))
+                history.append(dict(step=step, **metrics))
+                writer.scalars(step, metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", facial=f"{metrics['facial_loss']:.4f}")
+            if config.train.image_every and step % config.train.image_every == 0:
+                writer.attention_images(step, model, frozen, state.params, batch)
+            progress.update(1)
+            save(manager, state, config)
+            if preempt.requested:
+                save(manager, state, config, force=True)
+                preempted = True
+                break
+    finally:
+        progress.close()
+        preempt.restore()
+        manager.wait_until_finished()
+        if not preempted:
+            save(manager, state, config, force=True)
+            manager.wait_until_finished()
+        manager.close()
+        writer.close(history)
+    return RunResult(step, history, workdir, preempted, jax.device_get(state.params))
