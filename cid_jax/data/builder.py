@@ -1,0 +1,368 @@
+"""tfds builders that write FGID records (features.py) as TFRecord shards.
+
+Three sources, one record format:
+* `FgidReference`: the layout the reference training reads (spec §7.1): a JSON list of records
+  with `resize_IMG`, `parsing_mask_IMG`, `vqa_llva`, `vqa_llva_more_face_detail` and optionally
+  `id_embed_file_origin` / `id_embed_file_resize` (torch-saved (1, 512) tensors, read with
+  `torch.load(weights_only=True)`; `.npy` files are accepted too). Paths are relative to
+  `image_root`, `parsing_root` and `faceid_root` (the reference's three roots; by default the
+  JSON file's folder).
+* `FgidFolder`: our simple layout for bringing your own data (see README.md):
+      SRC/captions.{jsonl,json,csv}   rows: id, vqa_llva, vqa_llva_more_face_detail[, identity]
+      SRC/images/<id>.{jpg,jpeg,png}  SRC/masks/<id>.png  SRC/embeddings/<id>.npy (optional)
+* `FgidSynthetic`: `synthetic.render_sample` (seeded procedural portraits).
+
+After writing, `build` also stores `record_index-<split>.npz` (the byte offset of every record) for
+the pipeline's random access.
+
+Robustness: a record that cannot be read (missing file, undecodable image, mask of another size,
+bad embedding, ...) is skipped, counted and listed with its reason in `bad_records-<split>.json`
+inside the dataset folder; it never stops the build. `build()` returns a `BuildReport`.
+Shards are written by tfds into a temporary folder that is renamed when complete (an interrupted
+build leaves no half dataset); tfds shows tqdm progress bars.
+
+At scale, pass `use_beam=True` (and `beam_runner=` / `beam_options=` to `build`): the same record
+loading then runs as an Apache Beam pipeline (DirectRunner locally, Dataflow/Flink/Spark for a
+cluster) and bad records are written by Beam as `bad_records-<split>-*.jsonl`. This needs
+`apache-beam`, which is not a dependency of cid_jax.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core import utils as tfds_utils
+
+from cid_jax.data import features as features_lib
+
+_DESCRIPTION = "FGID-style portraits with parsing maps, captions and ArcFace embeddings (cid_jax)."
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass
+class BuildReport:
+    """What a build wrote and what it skipped."""
+
+    dataset_dir: pathlib.Path
+    num_examples: dict[str, int]
+    bad_records: dict[str, list[dict]]  # split -> [{"key", "source_id", "reason"}]
+
+    @property
+    def num_bad(self) -> int:
+        return sum(len(v) for v in self.bad_records.values())
+
+    def summary(self) -> str:
+        lines = [f"dataset: {self.dataset_dir}"]
+        for split, n in self.num_examples.items():
+            bad = self.bad_records.get(split, [])
+            lines.append(f"  {split}: {n} examples written, {len(bad)} bad records skipped"
+                         + (f" (see {self.dataset_dir / f'bad_records-{split}.json'})" if bad else ""))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ builders
+
+
+class _FgidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared machinery: `_sources()` lists records cheaply, `_load()` reads one (may raise)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First FGID record format (see cid_jax/data/README.md)."}
+
+    def __init__(self, *, max_side: int | None = None, use_beam: bool = False, **kwargs):
+        self._max_side = max_side
+        self._use_beam = use_beam
+        super().__init__(**kwargs)
+
+    @tfds_utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # tfds 4.9.10 finds a builder's source through the `importlib_resources` backport, which it
+        # does not install on Python >= 3.9 (ModuleNotFoundError); the plain file path is what it
+        # falls back to anyway (there are no checksum/metadata files next to our builders).
+        return epath.Path(inspect.getfile(cls))
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, description=_DESCRIPTION,
+                                     features=features_lib.features_dict())
+
+    # Subclasses: {split: [(source_id, source), ...]} and source -> record dict.
+    def _sources(self) -> dict[str, list[tuple[str, Any]]]:
+        raise NotImplementedError
+
+    def _load(self, source: Any) -> dict:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing is downloaded
+        return {split: self._generate_examples(split, srcs) for split, srcs in self._sources().items()}
+
+    def _example_or_reason(self, key: str, source_id: str, source: Any):
+        """(key, example, None) or (key, None, reason); never raises for a bad record."""
+        try:
+            rec = self._load(source)
+            rec.setdefault("source_id", source_id)
+            return key, features_lib.validate_record(rec, self._max_side), None
+        except (features_lib.BadRecord, OSError, ValueError, KeyError, TypeError) as e:
+            return key, None, f"{type(e).__name__}: {e}"
+
+    def _generate_examples(self, split: str, sources: Sequence[tuple[str, Any]]):
+        keyed = [(f"{i:09d}", sid, src) for i, (sid, src) in enumerate(sources)]
+        if self._use_beam:
+            return _beam_examples(self, split, keyed)
+        return self._iter_examples(split, keyed)
+
+    def _iter_examples(self, split, keyed) -> Iterator[tuple[str, dict]]:
+        bad = []
+        for key, sid, src in keyed:
+            key, example, reason = self._example_or_reason(key, sid, src)
+            if example is None:
+                bad.append({"key": key, "source_id": sid, "reason": reason})
+                continue
+            yield key, example
+        # Runs when tfds has consumed the generator; self.data_dir is then the (temporary) dataset
+        # folder, so the report ends up next to the shards.
+        _write_json(pathlib.Path(self.data_dir) / f"bad_records-{split}.json", bad)
+
+
+def _beam_examples(builder: _FgidBuilder, split: str, keyed):
+    """The Beam form of `_iter_examples` (a PTransform tfds applies to its pipeline)."""
+    from tensorflow_datasets.core.utils.lazy_imports_utils import apache_beam as beam
+
+    report_prefix = os.fspath(pathlib.Path(builder.data_dir) / f"bad_records-{split}")
+
+    def expand(root):
+        results = (root | f"Sources_{split}" >> beam.Create(keyed)
+                   | f"Load_{split}" >> beam.MapTuple(builder._example_or_reason))
+        good, bad = results | f"Split_{split}" >> beam.Partition(lambda r, n: int(r[1] is None), 2)
+        _ = (bad | f"Reason_{split}" >> beam.Map(
+                lambda r: json.dumps({"key": r[0], "reason": r[2]}))
+             | f"Report_{split}" >> beam.io.WriteToText(report_prefix, file_name_suffix=".jsonl"))
+        return good | f"Examples_{split}" >> beam.Map(lambda r: (r[0], r[1]))
+
+    return beam.ptransform_fn(expand)()
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _load_embedding(path: pathlib.Path) -> np.ndarray:
+    """A (1, 512) or (512,) embedding from a torch-saved tensor (.pt/.pth/.bin, weights_only) or .npy."""
+    if not path.is_file():
+        raise features_lib.BadRecord(f"id_embedding: missing file {path}")
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(f"reading the torch-saved embedding {path} needs PyTorch "
+                          "(pip install 'cid_jax[torch]')") from e
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt pickle, unsupported content
+        raise features_lib.BadRecord(f"id_embedding: cannot read {path} ({type(e).__name__}: {e})") from e
+    if not isinstance(t, torch.Tensor):
+        raise features_lib.BadRecord(f"id_embedding: {path} holds a {type(t).__name__}, not a tensor")
+    return t.detach().float().cpu().numpy()
+
+
+class FgidReference(_FgidBuilder):
+    """FGID from the reference JSON layout (see the module docstring)."""
+
+    def __init__(self, *, json_files: os.PathLike | str | dict[str, os.PathLike | str],
+                 image_root=None, parsing_root=None, faceid_root=None, **kwargs):
+        if not isinstance(json_files, dict):
+            json_files = {"train": json_files}
+        self._json_files = {k: pathlib.Path(v) for k, v in json_files.items()}
+        first = next(iter(self._json_files.values()))
+        self._image_root = pathlib.Path(image_root) if image_root else first.parent
+        self._parsing_root = pathlib.Path(parsing_root) if parsing_root else self._image_root
+        self._faceid_root = pathlib.Path(faceid_root) if faceid_root else self._image_root
+        super().__init__(**kwargs)
+
+    def _sources(self):
+        out = {}
+        for split, path in self._json_files.items():
+            try:
+                items = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read the record list {path}: {e}") from e
+            if not isinstance(items, list):
+                raise ValueError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
+            out[split] = [(str(it.get("resize_IMG", f"#{i}")) if isinstance(it, dict) else f"#{i}", it)
+                          for i, it in enumerate(items)]
+        return out
+
+    def _load(self, item):
+        if not isinstance(item, dict):
+            raise features_lib.BadRecord(f"record is a {type(item).__name__}, not an object")
+        missing = [k for k in ("resize_IMG", "parsing_mask_IMG", "vqa_llva", "vqa_llva_more_face_detail")
+                   if k not in item]
+        if missing:
+            raise features_lib.BadRecord(f"record lacks {missing}")
+        emb = None
+        # The reference's precedence: origin, then resize, else zeros. An empty value counts as absent.
+        for key in ("id_embed_file_origin", "id_embed_file_resize"):
+            if item.get(key):
+                emb = _load_embedding(self._faceid_root / item[key])
+                break
+        return {
+            "image": self._image_root / item["resize_IMG"],
+            "parsing": self._parsing_root / item["parsing_mask_IMG"],
+            "vqa_llva": item["vqa_llva"],
+            "vqa_llva_more_face_detail": item["vqa_llva_more_face_detail"],
+            "id_embedding": emb,
+            "identity": item.get("identity", ""),
+        }
+
+
+def read_caption_table(path: pathlib.Path) -> list[dict]:
+    """Rows of captions.{jsonl,json,csv} as dicts (the folder layout's index)."""
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows")
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+class FgidFolder(_FgidBuilder):
+    """FGID from our prepared-folder layout (see the module docstring and README.md)."""
+
+    def __init__(self, *, source_dir: os.PathLike | str, **kwargs):
+        self._source_dir = pathlib.Path(source_dir)
+        super().__init__(**kwargs)
+
+    def _sources(self):
+        for name in ("captions.jsonl", "captions.json", "captions.csv"):
+            table = self._source_dir / name
+            if table.is_file():
+                break
+        else:
+            raise FileNotFoundError(f"{self._source_dir} has no captions.jsonl / captions.json / captions.csv")
+        rows = read_caption_table(table)
+        return {"train": [(str(r.get("id", f"#{i}")), r) for i, r in enumerate(rows)]}
+
+    def _load(self, row):
+        rid = str(row.get("id") or "")
+        if not rid:
+            raise features_lib.BadRecord("row has no id")
+        image = next((self._source_dir / "images" / f"{rid}{e}" for e in _IMAGE_EXTS
+                      if (self._source_dir / "images" / f"{rid}{e}").is_file()), None)
+        if image is None:
+            raise features_lib.BadRecord(f"image: missing file images/{rid}.{{jpg,jpeg,png}}")
+        emb_path = self._source_dir / "embeddings" / f"{rid}.npy"
+        return {
+            "image": image,
+            "parsing": self._source_dir / "masks" / f"{rid}.png",
+            "vqa_llva": row.get("vqa_llva"),
+            "vqa_llva_more_face_detail": row.get("vqa_llva_more_face_detail"),
+            "id_embedding": _load_embedding(emb_path) if emb_path.exists() else None,
+            "identity": row.get("identity", ""),
+        }
+
+
+class FgidSynthetic(_FgidBuilder):
+    """Synthetic FGID (`synthetic.render_sample`), deterministic in its arguments."""
+
+    def __init__(self, *, num: int, seed: int = 0, size: int = 512, num_identities: int = 16,
+                 missing_embedding_prob: float = 0.0, **kwargs):
+        self._num, self._seed, self._size = int(num), int(seed), int(size)
+        self._num_identities, self._missing = int(num_identities), float(missing_embedding_prob)
+        # The arguments name the config (a sub-folder), so a dataset with other arguments is never
+        # silently reused in place of the one asked for.
+        name = (f"n{self._num}_seed{self._seed}_px{self._size}_ids{self._num_identities}"
+                f"_miss{round(self._missing * 1000)}")
+        kwargs.setdefault("config", tfds.core.BuilderConfig(name=name, description="synthetic portraits"))
+        super().__init__(**kwargs)
+
+    def _sources(self):
+        return {"train": [(f"synthetic-{self._seed}-{i:07d}", i) for i in range(self._num)]}
+
+    def _load(self, index):
+        from cid_jax.data import synthetic
+
+        face = synthetic.render_sample(self._seed, index, self._size, self._num_identities, self._missing)
+        rec = synthetic.record_of(face)
+        if not face.has_id_embedding:
+            rec["id_embedding"] = None
+        return rec
+
+
+# --------------------------------------------------------------------------------------- build
+
+
+def build(builder: _FgidBuilder, *, num_shards: int | None = None, progress: bool = True,
+          beam_runner=None, beam_options=None, overwrite: bool = False) -> BuildReport:
+    """Writes the dataset (unless already there) and returns what was written and skipped."""
+    if not progress:
+        tfds.disable_progress_bar()
+    mode = (tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS if not overwrite
+            else tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
+    config = tfds.download.DownloadConfig(download_mode=mode, num_shards=num_shards,
+                                          beam_runner=beam_runner, beam_options=beam_options)
+    builder.download_and_prepare(download_config=config)
+    report = report_of(builder.data_dir)
+    # The pipeline reads records by byte offset; index them now, while the shards are at hand,
+    # rather than on every training host's first start.
+    from cid_jax.data.pipeline import RecordSource
+
+    for split in report.num_examples:
+        RecordSource(report.dataset_dir, split)
+    return report
+
+
+def report_of(dataset_dir: os.PathLike | str) -> BuildReport:
+    """The BuildReport of a built dataset folder (split sizes and the bad-record lists)."""
+    dataset_dir = pathlib.Path(dataset_dir)
+    info = json.loads((dataset_dir / "dataset_info.json").read_text())
+    num = {s["name"]: int(sum(int(n) for n in s.get("shardLengths", []))) for s in info.get("splits", [])}
+    bad = {}
+    for split in num:
+        path = dataset_dir / f"bad_records-{split}.json"
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        for part in sorted(dataset_dir.glob(f"bad_records-{split}-*.jsonl")):  # Beam's report
+            rows += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+        bad[split] = rows
+    return BuildReport(dataset_dir, num, bad)
+
+
+def build_from_reference_json(json_files, data_dir, *, image_root=None, parsing_root=None,
+                              faceid_root=None, max_side=None, use_beam=False, **build_kwargs) -> BuildReport:
+    b = FgidReference(json_files=json_files, image_root=image_root, parsing_root=parsing_root,
+                      faceid_root=faceid_root, max_side=max_side, use_beam=use_beam, data_dir=os.fspath(data_dir))
+    return build(b, **build_kwargs)
+
+
+def build_from_folder(source_dir, data_dir, *, max_side=None, use_beam=False, **build_kwargs) -> BuildReport:
+    b = FgidFolder(source_dir=source_dir, max_side=max_side, use_beam=use_beam, data_dir=os.fspath(data_dir))
+    return build(b, **build_kwargs)
+
+
+def build_synthetic(data_dir, *, num: int, seed: int = 0, size: int = 512, num_identities: int = 16,
+                    missing_embedding_prob: float = 0.0, use_beam=False, **build_kwargs) -> BuildReport:
+    b = FgidSynthetic(num=num, seed=seed, size=size, num_identities=num_identities,
+                      missing_embedding_prob=missing_embedding_prob, use_beam=use_beam,
+                      data_dir=os.fspath(data_dir))
+    return build(b, **build_kwargs)
+
+
+def dataset_dirs(data_dir: os.PathLike | str) -> Iterable[pathlib.Path]:
+    """Built dataset folders (those with a dataset_info.json) under a tfds data_dir:
+    `<name>/<version>`, or `<name>/<config>/<version>` for the synthetic builder."""
+    return sorted(p.parent for p in pathlib.Path(data_dir).glob("**/dataset_info.json"))
