@@ -17,6 +17,7 @@ CORE = [
     "tqdm",
     "tensorboardX>=2.6",
     "scikit-image>=0.26",  # offline frontal-face detector and real test photos
+    "scipy",               # hole filling of region masks
 ]
 
 EXTRAS = {

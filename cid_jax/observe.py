@@ -72,13 +72,13 @@ def attention_overlay(image: np.ndarray, maps: np.ndarray, valid: np.ndarray) ->
     return out
 
 
-def facial_attention_maps(model, frozen, trainable, batch, t: int = 400):
-    """[K, side, side] attention of each facial word, first sample, mean over heads and layers.
+def facial_attention_maps(model, frozen, trainable, one, t: int = 400):
+    """[K, side, side] attention of each facial word of a 1-sample batch, mean over heads and
+    layers (None when nothing is captured). Jit it: `functools.partial(..., model)`.
 
-    The clean latents are noised to step `t` with a fixed key so images are comparable over time."""
+    The clean latents are noised with a fixed key so images are comparable over time."""
     import jax.numpy as jnp
 
-    one = {k: v[:1] for k, v in batch.items()}
     latents = model.encode_latents(frozen, one["pixel_values"], jax.random.key(0))
     noisy = latents + 0.5 * jax.random.normal(jax.random.key(1), latents.shape)
     context, added = model.conditioning(frozen, trainable, one)
@@ -90,16 +90,18 @@ def facial_attention_maps(model, frozen, trainable, batch, t: int = 400):
     resized = [jax.image.resize(jnp.mean(m[0], axis=0).T.reshape(-1, int(math.isqrt(m.shape[2])),
                                                                   int(math.isqrt(m.shape[2]))),
                                 (m.shape[-1], side, side), "bilinear") for m in maps.values()]
-    return np.asarray(jax.device_get(jnp.mean(jnp.stack(resized), axis=0)))
+    return jnp.mean(jnp.stack(resized), axis=0)
 
 
 class Writer:
     """TensorBoard (tensorboardX) + metrics.jsonl + PNGs under the workdir; no-op off process 0."""
 
-    def __init__(self, workdir: pathlib.Path, config):
+    def __init__(self, workdir: pathlib.Path, config, mesh=None):
         self.workdir = pathlib.Path(workdir)
         self.active = jax.process_index() == 0
         self._tb = None
+        self._maps_fn = None
+        self._mesh = mesh
         if self.active:
             from tensorboardX import SummaryWriter
 
@@ -117,14 +119,25 @@ class Writer:
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def attention_images(self, step: int, model, frozen, trainable, batch) -> None:
-        """Facial-token attention maps of the first sample over its input image."""
-        if not self.active:
+        """Facial-token attention maps of the first sample over its input image.
+
+        Every process runs the (jitted, replicated-output) computation, as multi-host jit requires;
+        only process 0 writes."""
+        if self._maps_fn is None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            out = NamedSharding(self._mesh, PartitionSpec()) if self._mesh is not None else None
+
+            def first_sample(frozen, trainable, batch):
+                one = {k: v[:1] for k, v in batch.items()}
+                maps = facial_attention_maps(model, frozen, trainable, one)
+                return maps, one["pixel_values"][0], one["facial_token_idx_mask"][0]
+
+            self._maps_fn = jax.jit(first_sample, out_shardings=out)
+        maps, image, valid = self._maps_fn(frozen, trainable, batch)
+        if maps is None or not self.active:
             return
-        maps = facial_attention_maps(model, frozen, trainable, batch)
-        if maps is None:
-            return
-        image = np.asarray(jax.device_get(batch["pixel_values"]))[0]
-        valid = np.asarray(jax.device_get(batch["facial_token_idx_mask"]))[0]
+        maps, image, valid = (np.asarray(jax.device_get(x)) for x in (maps, image, valid))
         pic = attention_overlay(image, maps, valid)
         path = self.workdir / "images" / f"attention_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

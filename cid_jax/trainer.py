@@ -75,9 +75,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     if o.clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
-    if o.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
-    return tx
+    return tx  # gradient accumulation happens inside the step (`make_train_step`)
 
 
 # --------------------------------------------------------------------------------------- step
@@ -89,6 +87,27 @@ def make_train_step(model: ConsistentID, tx, config) -> Callable:
         schedulers.SchedulerConfig.from_config(dict(config.noise), "DDPMScheduler"))
     lam = float(config.train.facial_loss_weight)
     capture = config.model.facial_loss_mode != "none" and lam > 0
+    n_micro = max(1, int(config.optim.grad_accum))
+
+    def accumulate(loss_fn, params, *batch_args):
+        """Mean loss/grads over `grad_accum` micro-batches (one when 1), scanned to bound memory.
+
+        A batch sharded over devices is split as (micro, accum) then transposed, so every
+        micro-batch stays spread over all devices instead of living on a few."""
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if n_micro == 1:
+            return grad_fn(params, *batch_args)
+        split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, n_micro) + x.shape[1:]), 0, 1),
+                             batch_args)
+
+        def body(carry, micro):
+            (loss, aux), grads = grad_fn(params, *micro)
+            return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, *jax.tree.map(
+            lambda x: x[0], split)))
+        total, _ = jax.lax.scan(body, zeros, split)
+        return jax.tree.map(lambda x: x / n_micro, total)
 
     def train_step(state: TrainState, frozen, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -99,7 +118,7 @@ def make_train_step(model: ConsistentID, tx, config) -> Callable:
         noisy = schedulers.add_noise(sched, latents, noise, t)
         target = schedulers.training_target(sched, latents, noise, t)
 
-        def loss_fn(params):
+        def loss_fn(params, batch, noisy, target, t):
             context, added = model.conditioning(frozen, params, batch)
             pred, maps = model.predict_noise(frozen, params, noisy, t, context, added,
                                              facial_token_idx=batch["facial_token_idx"], capture=capture)
@@ -110,7 +129,7 @@ def make_train_step(model: ConsistentID, tx, config) -> Callable:
                       if capture else jnp.zeros((), jnp.float32))
             return noise_loss + lam * facial, dict(noise_loss=noise_loss, facial_loss=facial)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, aux), grads = accumulate(loss_fn, state.params, batch, noisy, target, t)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), **aux)
@@ -184,6 +203,58 @@ def global_batch(local: Mapping[str, np.ndarray], placement: Placement) -> dict:
     """Host-local numpy batch -> global jax.Arrays sharded over the batch axis (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(placement.batch(np.ndim(v)), np.asarray(v))
             for k, v in local.items()}
+
+
+def dataset_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+    """The built FGID dataset: `data.path`, or synthetic faces built once into <workdir>/data."""
+    from cid_jax.data import builder
+
+    if config.data.path:
+        built = list(builder.dataset_dirs(config.data.path))
+        if (pathlib.Path(config.data.path) / "dataset_info.json").exists():
+            return pathlib.Path(config.data.path)
+        if len(built) == 1:
+            return built[0]
+        raise FileNotFoundError(
+            f"--config.data.path={config.data.path} holds {len(built)} built datasets "
+            f"({[str(b) for b in built]}); point it at one (a folder with dataset_info.json)")
+    if not config.data.synthetic:
+        raise ValueError("no training data: set --config.data.path to a built FGID dataset "
+                         "(python -m cid_jax.data.synthetic, or the builders in cid_jax.data.builder) "
+                         "or --config.data.synthetic=N for N synthetic faces")
+    data_dir = workdir / "data"
+    if jax.process_index() == 0:
+        logging.info("building %d synthetic faces into %s (once)", config.data.synthetic, data_dir)
+        builder.build_synthetic(data_dir, num=config.data.synthetic, seed=config.seed,
+                                size=max(config.data.resolution, 128), progress=False)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic dataset built")
+    return builder.report_of(next(iter(builder.dataset_dirs(data_dir)))).dataset_dir
+
+
+def fgid_batches(config, workdir: pathlib.Path) -> Callable[[int], Iterator]:
+    """start_step -> this host's numpy batches from the tf.data pipeline (deterministic in
+    (seed, step), so a resumed run sees exactly the batches it would have seen)."""
+    from cid_jax.data import pipeline
+
+    folder = dataset_dir(config, workdir)
+    cfg = pipeline.PipelineConfig(
+        global_batch_size=config.train.global_batch,
+        resolution=config.data.resolution, mask_resolution=config.data.mask_resolution,
+        seed=config.seed, pairing=config.data.pairing, drop_prob=config.data.drop_prob,
+        foreground_loss_prob=config.data.foreground_loss_prob,
+        max_text_length=config.data.max_text_length, prefetch=config.data.prefetch,
+        num_parallel_calls=config.data.num_parallel_calls)
+    keys = set(batch_spec(config, build_lib.build_modules(config)))
+
+    def batches(start_step: int):
+        for b in pipeline.batches(folder, cfg, start_step=start_step, process_index=jax.process_index(),
+                                  process_count=jax.process_count()):
+            yield {k: v for k, v in b.items() if k in keys}
+
+    return batches
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -284,9 +355,7 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     start = int(jax.device_get(state.step))
 
     if batches is None:
-        from cid_jax.data import pipeline
-
-        batches = lambda s: pipeline.train_batches(config, start_step=s)  # noqa: E731
+        batches = fgid_batches(config, workdir)
     it = batches(start)
     first = next(it, None)
     if first is None:
@@ -298,22 +367,24 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     logging.info("train step compiled in %.1f s (%.3g GFLOP per step)", time.perf_counter() - t0, flops / 1e9)
 
-    writer = observe.Writer(workdir, config)
+    writer = observe.Writer(workdir, config, mesh)
     preempt = _Preemption()
     history, step, preempted = [], start, False
     total = config.train.num_steps
     progress = observe.progress(total, start)
     pending_batch = first
+    t_log, step_at_log = time.perf_counter(), start
     try:
         while step < total:
             batch = pending_batch if pending_batch is not None else global_batch(next(it), placement)
             pending_batch = None
-            t_step = time.perf_counter()
             state, metrics = compiled(state, frozen, batch, k_step)
             step += 1
             if step % config.train.log_every == 0 or step == total or step == start + 1:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t_step
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                now = time.perf_counter()
+                dt = (now - t_log) / (step - step_at_log)  # steps are async: average since last log
+                t_log, step_at_log = now, step
                 metrics.update(step_time_s=dt, samples_per_s=config.train.global_batch / dt,
                                tflops_per_device=flops / dt / 1e12 / jax.device_count(),
                                lr=float(config.optim.lr))
@@ -325,16 +396,18 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
             progress.update(1)
             save(manager, state, config)
             if preempt.requested:
-                save(manager, state, config, force=True)
                 preempted = True
                 break
     finally:
         progress.close()
         preempt.restore()
+        # The last step is always on disk: at the end, on SIGTERM, and on an exception.
+        if manager.latest_step() != step:
+            try:
+                save(manager, state, config, force=True)
+            except Exception as e:  # e.g. the state was donated to a step that failed
+                logging.error("could not save the final checkpoint at step %d: %s", step, e)
         manager.wait_until_finished()
-        if not preempted:
-            save(manager, state, config, force=True)
-            manager.wait_until_finished()
         manager.close()
         writer.close(history)
     return RunResult(step, history, workdir, preempted, jax.device_get(state.params))

@@ -4,6 +4,7 @@ Everything here must run before jax (or diffusers/transformers) is imported anyw
 """
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,7 +14,11 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("USE_TF", "0")  # keep transformers from importing TensorFlow
-_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+# `configs.*` and `tests.*` import from the repo root; subprocesses inherit it via PYTHONPATH.
+sys.path.insert(0, str(_REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
+_CACHE = _REPO / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
