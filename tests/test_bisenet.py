@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from cid_jax.face import bisenet as B  # noqa: E402
 from cid_jax.face.parsing import IMAGENET_MEAN, IMAGENET_STD, parse_face  # noqa: E402
 from cid_jax.weights.state_dict import WeightsError  # noqa: E402
-from torch_reference.bisenet import BiSeNetRef, perturb_  # noqa: E402
+from tests.torch_reference.bisenet import BiSeNetRef, perturb_  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from typing import Callable, Mapping, Union
 
 import numpy as np
 from flax import serialization, traverse_util
 
-from cid_jax.weights.state_dict import WeightsError
+from cid_jax.weights.state_dict import WeightsError, atomic_write
 
 Path = tuple[str, ...]
 # Either a {checkpoint module name: our module name} table applied to every path component, or a
@@ -37,18 +36,9 @@ def read_msgpack(path: os.PathLike) -> dict:
 
 def write_msgpack_atomic(params: Mapping, path: os.PathLike) -> None:
     """Writes a param tree as a Flax msgpack file via a temp file and rename."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tree = traverse_util.unflatten_dict(
         {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(serialization.msgpack_serialize(tree))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(serialization.msgpack_serialize(tree)))
 
 
 def _rename_fn(rename: Rename) -> Callable[[Path], Path]:

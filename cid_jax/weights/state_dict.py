@@ -116,22 +116,32 @@ def read_sharded_folder(folder: os.PathLike, stem: str) -> StateDict:
         "expected a folder written by save_pretrained")
 
 
-def write_safetensors_atomic(tensors: Mapping[str, np.ndarray], path: os.PathLike,
-                             metadata: Mapping[str, str] | None = None) -> None:
-    """Writes a safetensors file via a temp file and rename, so a crash never leaves half a file."""
-    from safetensors.numpy import save_file
+def atomic_write(path: os.PathLike, write: Callable[[str], None]) -> None:
+    """Calls `write(tmp_path)` next to `path`, then renames: a crash never leaves half a file.
 
+    The result gets ordinary permissions (0666 less the umask), not mkstemp's private 0600."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                  metadata=dict(metadata) if metadata else None)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_safetensors_atomic(tensors: Mapping[str, np.ndarray], path: os.PathLike,
+                             metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a safetensors file atomically (see `atomic_write`)."""
+    from safetensors.numpy import save_file
+
+    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                             tmp, metadata=dict(metadata) if metadata else None))
 
 
 # -------------------------------------------------------------------------------- name mapping
@@ -222,6 +232,6 @@ def export_from(params, *, key_fn: KeyFn = torch_key, dtype=np.float32) -> State
     out = {}
     for path, value in traverse_util.flatten_dict(params).items():
         value = np.asarray(value)
-        out[key_fn(path, value.ndim)] = np.ascontiguousarray(
-            flax_to_torch_array(path, value).astype(dtype))
+        out[key_fn(path, value.ndim)] = np.ascontiguousarray(flax_to_torch_array(path, value),
+                                                             dtype=dtype)
     return out
