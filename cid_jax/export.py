@@ -32,6 +32,12 @@ def to_export_groups(trainable: Mapping[str, Any]) -> dict:
             "adapters": trainable["unet"]}
 
 
+def from_export_groups(groups: Mapping[str, Any]) -> dict:
+    """Inverse of `to_export_groups`."""
+    return {"facial_encoder": groups["facial_encoder"], "image_proj": groups["image_proj"],
+            "unet": groups["adapters"]}
+
+
 def export_run(config, trainable, workdir: pathlib.Path, step: int, out: pathlib.Path | None = None,
                dtype: str | None = None) -> list[pathlib.Path]:
     """Writes the safetensors and reference .bin exports (or only `out`); returns the paths."""
@@ -41,8 +47,10 @@ def export_run(config, trainable, workdir: pathlib.Path, step: int, out: pathlib
     layout = layout_for_config(config, model)
     dtype = dtype or config.train.export_dtype
     params = jax.device_get(to_export_groups(trainable))
-    meta = cid_weights.make_metadata(layout, base_model=config.model.base or "tiny-random",
-                                     pairing=config.data.pairing, step=step, dtype=dtype)
+    meta = cid_weights.make_metadata(
+        layout, base_model=config.model.base or "tiny-random", pairing=config.data.pairing, step=step,
+        dtype=dtype, extra=dict(facial_encoder_dim=layout.fe_dim, facial_encoder_depth=layout.fe_depth,
+                                facial_encoder_heads=layout.fe_heads))
     targets = [out] if out else [workdir / "export" / "consistentid.safetensors",
                                  workdir / "export" / "consistentid.bin"]
     for path in targets:

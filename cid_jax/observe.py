@@ -15,6 +15,20 @@ from absl import logging
 from PIL import Image, ImageDraw
 
 
+class _QuietOrbax:
+    """Drops orbax's per-save INFO chatter (warnings and errors still pass)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Keeps library INFO chatter (orbax checkpointing) out of our console output."""
+    import logging as std_logging
+
+    std_logging.getLogger("absl").addFilter(_QuietOrbax())
+
+
 def progress(total: int, start: int):
     """A tqdm bar on process 0 (a silent one elsewhere)."""
     from tqdm.auto import tqdm

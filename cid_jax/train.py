@@ -34,18 +34,11 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()  # auto-detected cluster (TPU pod slice, SLURM)
 
 
-class _QuietLibraries:
-    """Keeps orbax's per-save INFO chatter out of the training log (warnings still pass)."""
-
-    def filter(self, record) -> bool:
-        import logging as std_logging
-
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from cid_jax import observe
+
+    observe.quiet_library_logs()
     maybe_initialize_distributed()
     import jax
 

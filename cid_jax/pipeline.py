@@ -1,0 +1,233 @@
+"""ConsistentID sampling (SD1.5), as pure functions: host-side inputs, the three embedding sets,
+the compiled denoising loop and VAE decoding.
+
+The reference pipeline (spec §6) in three stages:
+
+1. Host (numpy, Python strings): `face_batch` turns a photo + its 19-class parsing map + an ArcFace
+   embedding into CLIP inputs (via the one shared implementation in `cid_jax.data.masks`), and
+   `text_batch` composes the facial prompt ("<prompt>Detail:The person has one face <|facial|>,
+   ...") and tokenizes the facial, text-only and negative prompts.
+2. `embedding_sets` (jitted): three [B, 81, E] contexts, each `[77 text tokens ; 4 ID tokens]`:
+     null      = FacialEncoder(negative text, zero part images, *positive* masks) ; ProjPlus(0, CLIP(0))
+     text      = text-only prompt (facial text without markers)                 ; ProjPlus(id, CLIP(img))
+     augmented = FacialEncoder(facial prompt, part images)                      ; ProjPlus(id, CLIP(img))
+3. `sample` (jitted once for all steps): a `lax.scan` over the step index i; the conditional
+   context is `text` while i <= merge_step and `augmented` after (a traced select, so changing the
+   merge step does not recompile), classifier-free guidance against `null`, and a diffusers-equal
+   Euler or DDIM step (`cid_jax.schedulers`). `decode` maps latents to uint8 images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cid_jax import schedulers
+from cid_jax.data import masks as masks_lib
+from cid_jax.models.consistentid import ConsistentID
+from cid_jax.models.vae import AutoencoderKL
+from cid_jax.text import facial_prompts as fp
+
+DEFAULT_STEPS = 50
+DEFAULT_MERGE_STEP = 30
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_SAMPLER = "euler"  # the reference's; the paper reports DDIM
+
+
+# ------------------------------------------------------------------------------- host inputs
+
+
+class FaceBatch(NamedTuple):
+    """One reference photo, ready for the model (numpy, no batch axis)."""
+    clip_image: np.ndarray        # float32 [224, 224, 3]
+    part_clip_images: np.ndarray  # float32 [5, 224, 224, 3] in slot order (Face, Eye, Ear, Nose, Lip)
+    id_embedding: np.ndarray      # float32 [512]
+    part_names: list              # present parts, reference names in label order ("Face", "Left_Eye", ...)
+
+
+def face_batch(image, label_map, id_embedding: Optional[np.ndarray] = None) -> FaceBatch:
+    """Photo (uint8 RGB) + its parsing label map (+ ArcFace embedding, zeros if None)."""
+    inputs = masks_lib.face_inputs(image, label_map)
+    emb = np.zeros(512, np.float32) if id_embedding is None else np.asarray(id_embedding, np.float32).reshape(512)
+    return FaceBatch(inputs.clip_image, inputs.part_clip_images, emb, masks_lib.part_names(inputs.slot_labels))
+
+
+class TextBatch(NamedTuple):
+    """Token inputs of one prompt (numpy, no batch axis)."""
+    input_ids: np.ndarray              # int32 [77]: the facial prompt, markers removed
+    text_only_ids: np.ndarray          # int32 [77]: the same text tokenized normally (EOS kept)
+    negative_ids: np.ndarray           # int32 [77]
+    facial_token_mask: np.ndarray      # bool [77]
+    facial_token_idx_mask: np.ndarray  # bool [5]
+    part_order: np.ndarray             # int32 [5]: the slot feeding each facial token, -1 = none
+    prompt_face: str                   # the composed facial prompt (with markers), for the log
+
+
+def text_batch(prompt: str, negative_prompt: str, tokenizer, part_names: Sequence[str],
+               caption: str = fp.DEFAULT_CAPTION_SD15, pairing: str = "reference",
+               variant: str = "sd15") -> TextBatch:
+    """The reference's prompt composition and tokenization (spec §6 step 5, §8).
+
+    `tokenizer` must have <|image|>/<|facial|> registered (`fp.add_trigger_tokens`). The parts whose
+    word is missing from the caption are dropped; the kept parts are ordered by `pairing`
+    ("reference": label order, the released weights' quirky ears<->eyes pairing; "by_name").
+    """
+    reference_parts = [p for p in fp.REFERENCE_PARTS if p in part_names] or list(part_names)
+    prompt_face, prompt_text_only = fp.compose_inference_prompt(prompt, caption, tokenizer, variant,
+                                                                part_names=reference_parts)
+    marked, kept = fp.process_text_with_markers(caption, reference_parts)
+    tokens = fp.tokenize_facial_prompt(tokenizer, prompt_face)
+    ordered = fp.pair_parts_to_words(kept, pairing, marked) if fp.FACIAL_TOKEN in prompt_face else []
+    rows = tokenizer([prompt_text_only, negative_prompt or ""], max_length=77, padding="max_length",
+                     truncation=True)
+    return TextBatch(tokens.input_ids, np.asarray(rows[0], np.int32), np.asarray(rows[1], np.int32),
+                     tokens.facial_token_mask, tokens.facial_token_idx_mask,
+                     masks_lib.part_order(ordered), prompt_face)
+
+
+def model_inputs(faces: Sequence[FaceBatch], texts: Sequence[TextBatch]) -> dict:
+    """Stacks per-sample host inputs into the batch `embedding_sets` takes (one face per text)."""
+    if len(faces) != len(texts):
+        raise ValueError(f"{len(faces)} faces for {len(texts)} prompts")
+    parts = [masks_lib.arrange_parts(f.part_clip_images, t.part_order) for f, t in zip(faces, texts)]
+    return {
+        "input_ids": np.stack([t.input_ids for t in texts]),
+        "text_only_ids": np.stack([t.text_only_ids for t in texts]),
+        "negative_ids": np.stack([t.negative_ids for t in texts]),
+        "facial_token_mask": np.stack([t.facial_token_mask for t in texts]),
+        "facial_token_idx_mask": np.stack([t.facial_token_idx_mask for t in texts]),
+        "clip_image": np.stack([f.clip_image for f in faces]),
+        "part_clip_images": np.stack(parts),
+        "id_embedding": np.stack([f.id_embedding for f in faces]),
+    }
+
+
+def check_token_ids(inputs: Mapping[str, np.ndarray], vocab_size: int) -> None:
+    """The text encoder's table must hold every id (a tiny encoder with a small vocabulary would
+    otherwise silently read out of range under jit)."""
+    for k in ("input_ids", "text_only_ids", "negative_ids"):
+        top = int(np.max(inputs[k]))
+        if top >= vocab_size:
+            raise ValueError(f"{k} has token id {top} but the text encoder's vocab_size is {vocab_size}")
+
+
+# ---------------------------------------------------------------------------- embedding sets
+
+
+class EmbeddingSets(NamedTuple):
+    null: jax.Array       # [B, 81, E]
+    text: jax.Array       # [B, 81, E]
+    augmented: jax.Array  # [B, 81, E]
+
+
+def embedding_sets(model: ConsistentID, frozen, trainable, inputs: Mapping[str, jax.Array]) -> EmbeddingSets:
+    """The reference's three contexts (spec §6 steps 6-11) via `ConsistentID.conditioning`."""
+    if model.is_sdxl:
+        raise NotImplementedError("SDXL generation (pooled embeds, time ids) is not implemented yet")
+    common = {k: inputs[k] for k in ("facial_token_mask", "facial_token_idx_mask")}
+    real = dict(common, clip_image=inputs["clip_image"], part_clip_images=inputs["part_clip_images"],
+                id_embedding=inputs["id_embedding"])
+    augmented, _ = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["input_ids"]))
+    text, _ = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["text_only_ids"]), fuse=False)
+    # Unconditional: a zero *normalised* CLIP tensor (not a black image), a zero ID embedding, zero
+    # part tensors, and the positive prompt's facial positions on the negative prompt (spec §9.6).
+    null_inputs = dict(common, input_ids=inputs["negative_ids"],
+                       clip_image=jnp.zeros_like(inputs["clip_image"]),
+                       part_clip_images=jnp.zeros_like(inputs["part_clip_images"]),
+                       id_embedding=jnp.zeros_like(inputs["id_embedding"]))
+    null, _ = model.conditioning(frozen, trainable, null_inputs)
+    return EmbeddingSets(null, text, augmented)
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def conditional_context(i, merge_step, text: jax.Array, augmented: jax.Array) -> jax.Array:
+    """The reference's switch: text-only while i <= start_merge_step, facial-fused afterwards."""
+    return jnp.where(jnp.asarray(i) <= merge_step, text, augmented)
+
+
+def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: jax.Array,
+           state: schedulers.SamplerState, merge_step, guidance, collect: bool = False):
+    """Denoises `noise` [B, h, w, 4] (standard normal) over all of `state`'s steps.
+
+    `merge_step` and `guidance` are traced scalars (no recompilation when they change). Returns the
+    final latents, and with `collect=True` also the guided noise prediction of every step [n, B, ...].
+    """
+    n = state.timesteps.shape[0]
+    batch = noise.shape[0]
+
+    def step(x, i):
+        cond = conditional_context(i, merge_step, sets.text, sets.augmented)
+        context = jnp.concatenate([sets.null, cond], axis=0)
+        x_in = state.scale_model_input(x, i)
+        eps, _ = model.predict_noise(frozen, trainable, jnp.concatenate([x_in, x_in], axis=0),
+                                     state.timesteps[i], context, capture=False)
+        eps = eps.astype(jnp.float32)
+        eps_uncond, eps_cond = eps[:batch], eps[batch:]
+        guided = eps_uncond + guidance * (eps_cond - eps_uncond)
+        x = state.step(guided, i, x).prev_sample
+        return x, (guided if collect else None)
+
+    x0 = (noise * state.init_noise_sigma).astype(jnp.float32)
+    x, per_step = jax.lax.scan(step, x0, jnp.arange(n))
+    return (x, per_step) if collect else x
+
+
+def decode(model: ConsistentID, frozen, latents: jax.Array) -> jax.Array:
+    """Latents -> float images in [0, 1] [B, H, W, 3] (the reference's decode_latents)."""
+    z = model.vae.config.unscale_latents(latents)
+    img = model.vae.apply({"params": frozen["vae"]}, z, method=AutoencoderKL.decode)
+    return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """[0, 1] floats -> uint8, as diffusers' numpy_to_pil ((x * 255).round())."""
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """A compiled generation function for one model: `generator(frozen, trainable, inputs, noise,
+    state, merge_step, guidance) -> (uint8-ready float images, latents)`; compiled once per shape."""
+    model: ConsistentID
+
+    @functools.cached_property
+    def fn(self):
+        model = self.model
+
+        def run(frozen, trainable, inputs, noise, state, merge_step, guidance):
+            sets = embedding_sets(model, frozen, trainable, inputs)
+            latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance)
+            return decode(model, frozen, latents), latents
+
+        return jax.jit(run)
+
+    def __call__(self, frozen, trainable, inputs, noise, state, merge_step, guidance):
+        return self.fn(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance))
+
+
+def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:
+    f = model.vae.config.downscale
+    if height % f or width % f:
+        raise ValueError(f"height/width ({height}x{width}) must be multiples of the VAE factor {f}")
+    return height // f, width // f, model.unet.config.in_channels
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
+    """Standard-normal latents [len(seeds), *shape], one independent stream per seed."""
+    return np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape, jnp.float32))
+                     for s in seeds])
+
+
+def scheduler_state(sampler: str, steps: int, noise_config: Optional[Mapping[str, Any]] = None):
+    """Euler or DDIM state from a diffusers scheduler_config dict (default SD1.5's)."""
+    name = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}.get(sampler)
+    if name is None:
+        raise ValueError(f"sampler must be 'euler' or 'ddim', got {sampler!r}")
+    cfg = schedulers.SchedulerConfig.from_config(dict(noise_config or schedulers.SD15_SCHEDULER_CONFIG), name)
+    return schedulers.set_timesteps(cfg, steps, sampler)

@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""Run a ConsistentID checkpoint (our exported .safetensors / reference .bin) with PyTorch + diffusers,
+e.g. on CUDA, without running the networks in JAX:
+
+    python convert/run_pytorch.py --checkpoint=ConsistentID-v1.bin --base=SD15_DIR \
+        --image-encoder=CLIP_H_DIR --image=face.jpg --prompt="a portrait" --device=cuda --dtype=fp16
+
+The steps are the reference SD1.5 pipeline's (spec §6) and those of `cid_jax.pipeline`: the same
+host preprocessing (imported from cid_jax: parsing or the offline template, masks, part images,
+CLIP preprocessing, facial prompt and token masks), then in PyTorch the three embedding sets
+(null / text-only / facial-fused, each with the 4 ID tokens), CFG with `i <= merge_step` using the
+text-only set, diffusers' Euler or DDIM scheduler and the VAE decode. The ConsistentID modules are
+rebuilt here from the checkpoint's shapes (FacialEncoder Perceiver, ProjPlus, LoRA + IP attention
+processors) and loaded with strict `load_state_dict`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import cid_jax  # noqa: F401
+except ImportError:  # run from a source checkout
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+# ------------------------------------------------------------------------- ConsistentID modules
+
+
+class LoRA(nn.Module):
+    def __init__(self, din, dout, rank):
+        super().__init__()
+        self.down, self.up = nn.Linear(din, rank, bias=False), nn.Linear(rank, dout, bias=False)
+
+    def forward(self, x):
+        return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+
+class Perceiver(nn.Module):
+    """One PerceiverAttention (keys .0.*) + FeedForward (keys .1.0/.1.1/.1.3) layer pair."""
+
+    def __init__(self, dim, heads, inner):
+        super().__init__()
+        self.heads = heads
+        self.attn = nn.ModuleDict(dict(norm1=nn.LayerNorm(dim), norm2=nn.LayerNorm(dim),
+                                       to_q=nn.Linear(dim, inner, bias=False),
+                                       to_kv=nn.Linear(dim, 2 * inner, bias=False),
+                                       to_out=nn.Linear(inner, dim, bias=False)))
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(),
+                                nn.Linear(4 * dim, dim, bias=False))
+
+    def forward(self, x, latents):
+        a = self.attn
+        x, lat = a["norm1"](x), a["norm2"](latents)
+        q = a["to_q"](lat)
+        k, v = a["to_kv"](torch.cat([x, lat], 1)).chunk(2, -1)
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        scale = q.shape[-1] ** -0.25
+        w = torch.softmax(((q * scale) @ (k * scale).transpose(-2, -1)).float(), -1).to(q.dtype)
+        latents = a["to_out"]((w @ v).transpose(1, 2).flatten(2)) + latents
+        return self.ff(latents) + latents
+
+
+def _perceiver_state(sd, prefix):
+    """Reference keys `layers.i.0.X` / `layers.i.1.j` -> this module's `layers.i.attn.X` / `layers.i.ff.j`."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] == "layers" and parts[2] in ("0", "1"):
+            parts[2] = "attn" if parts[2] == "0" else "ff"
+        out[prefix + ".".join(parts)] = v
+    return out
+
+
+class Resampler(nn.Module):
+    """Perceiver stack with proj_in / proj_out / norm_out (AttentionMLP and FacePerceiverResampler)."""
+
+    def __init__(self, din, dim, dout, depth, heads, inner, latents: int = 0):
+        super().__init__()
+        if latents:
+            self.latents = nn.Parameter(torch.zeros(1, latents, dim))
+        self.proj_in, self.proj_out, self.norm_out = nn.Linear(din, dim), nn.Linear(dim, dout), nn.LayerNorm(dout)
+        self.layers = nn.ModuleList(Perceiver(dim, heads, inner) for _ in range(depth))
+
+    def forward(self, x, latents=None):
+        latents = self.latents.expand(x.shape[0], -1, -1) if latents is None else latents
+        x = self.proj_in(x)
+        for layer in self.layers:
+            latents = layer(x, latents)
+        return self.norm_out(self.proj_out(latents))
+
+
+def _depth(sd, prefix):
+    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith(prefix + "layers."))
+
+
+class MLP(nn.Module):
+    def __init__(self, din, dout, residual):
+        super().__init__()
+        self.layernorm, self.fc1, self.fc2 = nn.LayerNorm(din), nn.Linear(din, dout), nn.Linear(dout, dout)
+        self.residual = residual
+
+    def forward(self, x):
+        h = self.fc2(F.gelu(self.fc1(self.layernorm(x))))
+        return h + x if self.residual else h
+
+
+class FacialEncoder(nn.Module):
+    """Perceiver over each part image's CLIP states -> one token; fused into the k-th facial word."""
+
+    def __init__(self, sd, heads):
+        super().__init__()
+        dim = sd["visual_projection.latents"].shape[-1]
+        clip_dim = sd["visual_projection.proj_in.weight"].shape[1]
+        e = sd["fuse_module.layer_norm.weight"].shape[0]
+        inner = sd["visual_projection.layers.0.0.to_q.weight"].shape[0]
+        vp = {k[len("visual_projection."):]: v for k, v in sd.items() if k.startswith("visual_projection.")}
+        self.visual_projection = Resampler(clip_dim, dim, e, _depth(vp, ""), heads or inner // 64, inner, latents=1)
+        self.mlp1, self.mlp2, self.layer_norm = MLP(2 * e, e, False), MLP(e, e, True), nn.LayerNorm(e)
+        state = _perceiver_state(vp, "visual_projection.")
+        state.update({k[len("fuse_module."):]: v for k, v in sd.items() if k.startswith("fuse_module.")})
+        self.load_state_dict(state, strict=True)
+
+    def forward(self, prompt_embeds, parts, token_mask, valid_mask):
+        b, p, t, c = parts.shape
+        ids = self.visual_projection(parts.reshape(b * p, t, c)).reshape(b * p, -1)[valid_mask.reshape(-1)]
+        flat = prompt_embeds.reshape(-1, prompt_embeds.shape[-1]).clone()
+        mask = token_mask.reshape(-1)
+        n = min(int(mask.sum()), ids.shape[0])
+        rows = mask.nonzero()[:n, 0]
+        h = self.mlp1(torch.cat([flat[rows], ids[:n]], -1)) + flat[rows]
+        flat[rows] = self.layer_norm(self.mlp2(h)).to(flat.dtype)
+        return flat.reshape(prompt_embeds.shape)
+
+
+class ProjPlus(nn.Module):
+    """ArcFace 512 -> num_tokens ID tokens, refined by a Perceiver over CLIP-H states (FaceID-Plus)."""
+
+    def __init__(self, sd):
+        super().__init__()
+        c = sd["norm.weight"].shape[0]
+        self.num_tokens = sd["proj.2.weight"].shape[0] // c
+        id_dim = sd["proj.0.weight"].shape[1]
+        self.proj = nn.Sequential(nn.Linear(id_dim, 2 * id_dim), nn.GELU(), nn.Linear(2 * id_dim, c * self.num_tokens))
+        self.norm = nn.LayerNorm(c)
+        pr = {k[len("perceiver_resampler."):]: v for k, v in sd.items() if k.startswith("perceiver_resampler.")}
+        inner = pr["layers.0.0.to_q.weight"].shape[0]
+        self.perceiver_resampler = Resampler(pr["proj_in.weight"].shape[1], c, c, _depth(pr, ""), c // 64, inner)
+        state = {k: v for k, v in sd.items() if not k.startswith("perceiver_resampler.")}
+        state.update(_perceiver_state(pr, "perceiver_resampler."))
+        self.load_state_dict(state, strict=True)
+
+    def forward(self, id_embeds, clip_embeds, shortcut=False, scale=1.0):
+        x = self.norm(self.proj(id_embeds).reshape(id_embeds.shape[0], self.num_tokens, -1))
+        out = self.perceiver_resampler(clip_embeds, x)
+        return x + scale * out if shortcut else out
+
+
+class Processor(nn.Module):
+    """LoRA on q/k/v/out of an attention; cross-attentions also attend to the last `num_tokens`
+    context tokens (the ID tokens) with to_k_ip/to_v_ip, added (x scale) before to_out."""
+
+    def __init__(self, hidden, kin, rank, cross, num_tokens=4, scale=1.0):
+        super().__init__()
+        self.to_q_lora, self.to_k_lora = LoRA(hidden, hidden, rank), LoRA(kin, hidden, rank)
+        self.to_v_lora, self.to_out_lora = LoRA(kin, hidden, rank), LoRA(hidden, hidden, rank)
+        self.cross, self.num_tokens, self.scale = cross, num_tokens, scale
+        if cross:
+            self.to_k_ip, self.to_v_ip = nn.Linear(kin, hidden, bias=False), nn.Linear(kin, hidden, bias=False)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        x = hidden_states
+        ctx = x if encoder_hidden_states is None else encoder_hidden_states
+        if self.cross:
+            ctx, ip = ctx[:, :-self.num_tokens], ctx[:, -self.num_tokens:]
+        split = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa: E731
+        q = split(attn.to_q(x) + self.to_q_lora(x))
+        k, v = split(attn.to_k(ctx) + self.to_k_lora(ctx)), split(attn.to_v(ctx) + self.to_v_lora(ctx))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        if self.cross:
+            h_ip = F.scaled_dot_product_attention(q, split(self.to_k_ip(ip)), split(self.to_v_ip(ip)))
+            h = h + self.scale * h_ip.transpose(1, 2).flatten(2)
+        h = attn.to_out[1](attn.to_out[0](h) + self.to_out_lora(h))
+        if attn.residual_connection:
+            h = h + x
+        return h / attn.rescale_output_factor
+
+
+def install_processors(unet, adapter_sd) -> None:
+    """One Processor per attention, in diffusers' attn_processors order (the checkpoint's indices)."""
+    cfg = unet.config
+    rank = adapter_sd["0.to_q_lora.down.weight"].shape[0]
+    procs = {}
+    for name in unet.attn_processors:
+        if name.startswith("mid_block"):
+            hidden = cfg.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(cfg.block_out_channels))[int(name.split(".")[1])]
+        else:
+            hidden = cfg.block_out_channels[int(name.split(".")[1])]
+        cross = not name.endswith("attn1.processor")
+        procs[name] = Processor(hidden, cfg.cross_attention_dim if cross else hidden, rank, cross)
+    unet.set_attn_processor(procs)
+    nn.ModuleList(unet.attn_processors.values()).load_state_dict(adapter_sd, strict=True)
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(groups {FacialEncoder, image_proj, adapter_modules} of torch tensors, metadata)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        groups = {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                g, _, rest = k.partition(".")
+                groups.setdefault(g, {})[rest] = f.get_tensor(k)
+    else:
+        groups = {g: dict(sd) for g, sd in torch.load(path, map_location="cpu", weights_only=True).items()}
+        side = path.with_name(path.name + ".json")
+        meta = json.loads(side.read_text()) if side.exists() else {}
+    if "image_proj_model" in groups:
+        groups["image_proj"] = groups.pop("image_proj_model")
+    return groups, meta
+
+
+class ConsistentIDTorch:
+    def __init__(self, checkpoint, base, image_encoder, device="cpu", dtype=torch.float32, sampler="euler",
+                 facial_encoder_heads=None):
+        import diffusers
+        import transformers
+
+        base = pathlib.Path(base)
+        groups, self.metadata = read_checkpoint(checkpoint)
+        load = dict(torch_dtype=dtype)
+        self.unet = diffusers.UNet2DConditionModel.from_pretrained(base / "unet", **load)
+        install_processors(self.unet, groups["adapter_modules"])
+        self.vae = diffusers.AutoencoderKL.from_pretrained(base / "vae", **load)
+        self.text = transformers.CLIPTextModel.from_pretrained(base / "text_encoder", **load)
+        self.vision = transformers.CLIPVisionModelWithProjection.from_pretrained(image_encoder, **load)
+        self.fe = FacialEncoder(groups["FacialEncoder"], facial_encoder_heads)
+        self.proj = ProjPlus(groups["image_proj"])
+        cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler}[sampler]
+        sched_dir = base / "scheduler"
+        if sched_dir.is_dir():
+            self.scheduler = cls.from_pretrained(sched_dir)
+        else:
+            from cid_jax.schedulers import SD15_SCHEDULER_CONFIG
+
+            self.scheduler = cls.from_config(SD15_SCHEDULER_CONFIG)
+        self.device, self.dtype = device, dtype
+        for m in (self.unet, self.vae, self.text, self.vision, self.fe, self.proj):
+            m.to(device=device, dtype=dtype).eval()
+
+    def _t(self, x, dtype=None):
+        return torch.as_tensor(np.asarray(x)).to(self.device, dtype or self.dtype)
+
+    def _clip(self, images_nhwc):
+        lead = images_nhwc.shape[:-3]
+        x = self._t(np.moveaxis(np.reshape(images_nhwc, (-1,) + images_nhwc.shape[-3:]), -1, 1))
+        h = self.vision(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        return h.reshape(*lead, *h.shape[1:])
+
+    @torch.no_grad()
+    def __call__(self, inputs: dict, noise_nhwc, steps=50, merge_step=30, guidance=5.0) -> np.ndarray:
+        """Host inputs (cid_jax.pipeline.model_inputs) + initial noise -> images [B,H,W,3] in [0,1]."""
+        ids = lambda k: self._t(inputs[k], torch.long)  # noqa: E731
+        tok_mask, valid = ids("facial_token_mask").bool(), ids("facial_token_idx_mask").bool()
+        emb = self._t(inputs["id_embedding"])
+        id_tokens = self.proj(emb, self._clip(inputs["clip_image"]))
+        null_tokens = self.proj(torch.zeros_like(emb), self._clip(np.zeros_like(inputs["clip_image"])))
+        facial = self.fe(self.text(ids("input_ids"))[0], self._clip(inputs["part_clip_images"]), tok_mask, valid)
+        negative = self.text(ids("negative_ids"))[0]
+        null_facial = self.fe(negative, self._clip(np.zeros_like(inputs["part_clip_images"])), tok_mask, valid)
+        null = torch.cat([null_facial, null_tokens], 1)
+        augmented = torch.cat([facial, id_tokens], 1)
+        text = torch.cat([self.text(ids("text_only_ids"))[0], id_tokens], 1)
+
+        self.scheduler.set_timesteps(steps, device=self.device)
+        x = self._t(np.moveaxis(np.asarray(noise_nhwc), -1, 1), torch.float32) * self.scheduler.init_noise_sigma
+        for i, t in enumerate(self.scheduler.timesteps):
+            cond = text if i <= merge_step else augmented
+            x_in = self.scheduler.scale_model_input(torch.cat([x, x]), t).to(self.dtype)
+            eps = self.unet(x_in, t, encoder_hidden_states=torch.cat([null, cond])).sample.float()
+            eu, ec = eps.chunk(2)
+            x = self.scheduler.step(eu + guidance * (ec - eu), t, x).prev_sample
+            print(f"\rstep {i + 1}/{steps}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        image = self.vae.decode((x / self.vae.config.scaling_factor).to(self.dtype)).sample.float()
+        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def main(argv=None) -> int:
+    from cid_jax import generate as gen
+    from cid_jax import pipeline as pl
+    from cid_jax.face import NoFaceFoundError
+    from cid_jax.text import DEFAULT_CAPTION_SD15, CLIPTokenizer, add_trigger_tokens
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--base", required=True, help="diffusers SD1.5 folder")
+    p.add_argument("--image-encoder", help="CLIP-ViT-H-14 folder (default <base>/image_encoder)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--merge-step", type=int, default=30)
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--facial-encoder-heads", type=int, default=None, help="default: width // 64 (the reference)")
+    p.add_argument("--parser-weights")
+    p.add_argument("--insightface-models")
+    p.add_argument("--out", default="consistentid_torch.png")
+    args = p.parse_args(argv)
+    try:
+        image = gen.read_image(args.image)
+        analyzer = gen.FaceAnalyzer(args.parser_weights, args.insightface_models)
+        try:
+            face = pl.face_batch(image, analyzer.label_map(image), analyzer.id_embedding(image))
+        except NoFaceFoundError as e:
+            raise gen.UserError(f"{args.image}: {e}", gen.EXIT_NO_FACE) from None
+        base = pathlib.Path(args.base)
+        for sub in ("unet", "vae", "text_encoder"):
+            if not (base / sub / "config.json").exists():
+                raise gen.UserError(f"{base / sub}/config.json not found (--base must be a diffusers SD1.5 folder)",
+                                    gen.EXIT_MISSING)
+        enc = pathlib.Path(args.image_encoder or base / "image_encoder")
+        if not (enc / "config.json").exists():
+            raise gen.UserError(f"CLIP image encoder {enc}/config.json not found", gen.EXIT_MISSING)
+    except gen.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = ConsistentIDTorch(args.checkpoint, base, enc, args.device, dtype, args.sampler, args.facial_encoder_heads)
+    tok_dir = base / "tokenizer"
+    tok = CLIPTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.default()
+    add_trigger_tokens(tok)
+    text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, DEFAULT_CAPTION_SD15,
+                         model.metadata.get("pairing", "reference"))
+    inputs = pl.model_inputs([face], [text])
+    f = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    noise = pl.initial_noise([args.seed], (args.height // f, args.width // f, model.unet.config.in_channels))
+    images = model(inputs, noise, args.steps, args.merge_step, args.guidance)
+    from PIL import Image
+
+    Image.fromarray(pl.to_uint8(images)[0]).save(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

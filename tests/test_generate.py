@@ -1,0 +1,169 @@
+"""Generation pipeline and CLI on tiny random models (CPU): the merge switch, the compiled loop,
+the CLI end to end with the offline face fallback, and the clear errors."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cid_jax import generate as gen
+from cid_jax import pipeline as pl
+
+
+def tiny_config(seed: int = 0):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_config", pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    c = demo.get_config()
+    c.seed = seed
+    c.model.facial_loss_mode = "none"
+    return c
+
+
+def export_trainable(trainable, model, path):
+    """Our trainable tree -> a reference-layout safetensors (tiny models: key functions of the
+    ConsistentID weights module, no fixed-size key table)."""
+    from cid_jax.weights import consistentid as cw
+    from cid_jax.weights.state_dict import export_from
+
+    layout = cw.CheckpointLayout("custom", cw.IMAGE_PROJ_SD15, model.unet.config.cross_attention_dim,
+                                 cw.processor_sites(model.unet.config))
+    groups = {cw.FACIAL_ENCODER: export_from(trainable["facial_encoder"], key_fn=cw._module_key_fn),
+              cw.IMAGE_PROJ_SD15: export_from(trainable["image_proj"], key_fn=cw._module_key_fn),
+              cw.ADAPTERS: export_from(cw.processor_subtree(trainable["unet"]), key_fn=cw.adapter_key_fn(layout))}
+    cw.save_safetensors(groups, path, {"pairing": "reference", "layout": "custom"})
+    return groups
+
+
+def random_params(abstract, seed: int, scale: float = 0.05) -> dict:
+    """Random host values for an abstract param tree, drawn with numpy (no compilation): every
+    weight non-trivial (LoRA `up` kernels and IP copies included, so a transposed or misrouted
+    kernel cannot hide), at init-like scales so tiny models stay well conditioned:
+    LayerNorm scale 1 + N(0, scale), bias N(0, scale), kernels N(0, 1 / fan_in), latents N(0, 1 / dim)."""
+    rng = np.random.default_rng(seed)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        z = rng.standard_normal(leaf.shape)
+        if name == "scale":
+            x = 1 + scale * z
+        elif name == "bias":
+            x = scale * z
+        else:
+            x = z / np.sqrt(np.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else leaf.shape[-1])
+        return x.astype(leaf.dtype)
+
+    return jax.tree.unflatten(treedef, [draw(p, leaf) for p, leaf in paths])
+
+
+def abstract_trainable(model, frozen=None):
+    """Shapes of the trainable tree (adapters, FacialEncoder, ProjPlus), without compiling any init."""
+    from cid_jax.models import build as build_lib
+
+    key = jax.random.key(0)
+    if frozen is None:
+        frozen = jax.eval_shape(lambda: build_lib.init_frozen_random(model, key))
+    return jax.eval_shape(lambda f: build_lib.init_trainable(model, f, key), frozen)
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory):
+    """A workdir as training leaves it: config.json and an exported safetensors of random trainable
+    params. (The frozen tiny weights are re-created from the config's seed by `gen.load`.)"""
+    from cid_jax.models import build as build_lib
+
+    config = tiny_config()
+    workdir = tmp_path_factory.mktemp("demo_run")
+    (workdir / "config.json").write_text(config.to_json())
+    model = build_lib.build_modules(gen.inference_config(config))
+    trainable = random_params(abstract_trainable(model), seed=7)
+    export_trainable(trainable, model, workdir / "consistentid.safetensors")
+    return workdir, trainable
+
+
+@pytest.fixture(scope="session")
+def loaded(demo_workdir):
+    """The demo workdir through the CLI's loader (tiny frozen weights re-created from the seed)."""
+    return gen.load(str(demo_workdir[0]))
+
+
+@pytest.fixture(scope="session")
+def astronaut():
+    import skimage.data
+
+    return skimage.data.astronaut()
+
+
+def test_merge_switch_is_inclusive():
+    text, aug = jnp.zeros((1, 2)), jnp.ones((1, 2))
+    picks = [float(pl.conditional_context(i, 2, text, aug)[0, 0]) for i in range(5)]
+    assert picks == [0, 0, 0, 1, 1]  # i <= start_merge_step -> text-only
+
+
+def test_load_workdir_restores_exported_params(demo_workdir, loaded):
+    _, trainable = demo_workdir
+    assert jax.tree.structure(loaded.trainable) == jax.tree.structure(trainable)
+    for a, b in zip(jax.tree.leaves(loaded.trainable), jax.tree.leaves(trainable)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert loaded.metadata["pairing"] == "reference"
+
+
+def test_merge_step_changes_the_result_and_loop_compiles_once(loaded, astronaut):
+    from cid_jax.face import template_parse
+
+    face = pl.face_batch(astronaut, template_parse(astronaut), np.ones(512, np.float32) / 512 ** 0.5)
+    text = pl.text_batch("a photo", "", loaded.tokenizer, face.part_names)
+    assert text.facial_token_idx_mask.sum() == len(face.part_names) == 5
+    # Batch of 2 at 64 px, 3 Euler steps with the workdir's noise config: the shapes the CLI test
+    # below generates with, so its compilation is a persistent-cache hit of this one.
+    inputs = pl.model_inputs([face, face], [text, text])
+    noise = pl.initial_noise([0, 1], pl.latent_shape(loaded.model, 64, 64))
+    state = pl.scheduler_state("euler", 3, loaded.noise_config)
+    g = pl.Generator(loaded.model)
+    outs = [np.asarray(g(loaded.frozen, loaded.trainable, inputs, noise, state, m, 5.0)[1]) for m in (-1, 1, 3)]
+    assert g.fn._cache_size() == 1  # merge step and guidance are traced: one compilation
+    # The three sets differ, so where the switch happens shows in the result: merge -1 (augmented
+    # from step 0) vs 1 (text-only for steps 0, 1) vs 3 (text-only throughout 3 steps).
+    assert np.abs(outs[0] - outs[1]).max() > 1e-4 and np.abs(outs[1] - outs[2]).max() > 1e-4
+
+
+def test_cli_end_to_end_on_astronaut(demo_workdir, astronaut, tmp_path, capsys):
+    from PIL import Image
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    out = tmp_path / "out.png"
+    code = gen.main([f"--checkpoint={demo_workdir[0]}", f"--image={photo}", "--prompt=a portrait",
+                     "--steps=3", "--merge-step=1", "--num-images=2", f"--out={out}"])
+    assert code == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == (64, 128, 3) and img.std() > 0  # a grid of the two seeds
+    assert (tmp_path / "out_0.png").exists() and (tmp_path / "out_1.png").exists()
+
+
+def test_cli_no_face_is_a_clear_error(demo_workdir, tmp_path, capsys):
+    from PIL import Image
+
+    photo = tmp_path / "noface.png"
+    Image.fromarray(np.full((128, 128, 3), 90, np.uint8)).save(photo)
+    code = gen.main([f"--checkpoint={demo_workdir[0]}", f"--image={photo}", "--prompt=x"])
+    err = capsys.readouterr().err
+    assert code == gen.EXIT_NO_FACE and "no face found" in err and "Traceback" not in err
+
+
+def test_cli_missing_weights_names_the_folder(tmp_path, astronaut, capsys):
+    from PIL import Image
+
+    photo = tmp_path / "a.png"
+    Image.fromarray(astronaut).save(photo)
+    ckpt = tmp_path / "c.safetensors"
+    ckpt.write_bytes(b"")
+    code = gen.main([f"--checkpoint={ckpt}", f"--base={tmp_path / 'sd15'}", f"--image={photo}", "--prompt=x"])
+    err = capsys.readouterr().err
+    assert code == gen.EXIT_MISSING and str(tmp_path / "sd15") in err

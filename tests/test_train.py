@@ -1,0 +1,116 @@
+"""End-to-end training on the demo architecture: loss falls, checkpoints, export, exact resume,
+SIGTERM, and a 2-process x 4-device run equal to the 1-process 8-device run."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cid_jax import export, trainer
+from tests.test_train_step import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def train_config(data_path, num_steps):
+    c = tiny_config()
+    c.data.path = str(data_path)
+    c.data.synthetic = 0
+    c.train.num_steps = num_steps
+    c.train.log_every = 1
+    c.train.image_every = 10
+    c.checkpoint.every_steps = 5
+    c.checkpoint.async_save = False
+    c.optim.lr = 1e-3   # a short run should visibly learn
+    return c
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from cid_jax.data import builder
+
+    report = builder.build_synthetic(tmp_path_factory.mktemp("fgid"), num=48, seed=3, size=64,
+                                     progress=False)
+    return report.dataset_dir
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run_full")
+    config = train_config(dataset, 20)
+    return config, trainer.train(config, workdir)
+
+
+@pytest.mark.slow
+def test_demo_architecture_trains_end_to_end(full_run):
+    config, result = full_run
+    hist = result.history
+    assert [h["step"] for h in hist] == list(range(1, 21))
+    loss = np.array([h["loss"] for h in hist])
+    facial = np.array([h["facial_loss"] for h in hist])
+    assert np.all(np.isfinite(loss))
+    assert loss[-5:].mean() < loss[:5].mean(), loss
+    assert facial[-5:].mean() < facial[:5].mean(), facial
+    wd = result.workdir
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == 20
+    assert (wd / "loss_curves.png").exists() and list((wd / "images").glob("attention_*.png"))
+    assert list((wd / "tensorboard").iterdir())
+    # Export at the end of a run, read back by the reference-layout loader.
+    paths = export.export_run(config, result.trainable, wd, result.step)
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 0
+    restored_config, params, step = export.restore_trainable(wd)
+    assert step == 20 and restored_config.train.num_steps == 20
+    jax.tree.map(np.testing.assert_array_equal, params, result.trainable)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_bitwise(full_run, dataset, tmp_path):
+    _, uninterrupted = full_run
+    first = trainer.train(train_config(dataset, 10), tmp_path)      # "killed" after step 10
+    assert first.step == 10
+    resumed = trainer.train(train_config(dataset, 20), tmp_path)    # same command, longer
+    assert resumed.history[0]["step"] == 11
+    jax.tree.map(np.testing.assert_array_equal, resumed.trainable, uninterrupted.trainable)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
+    config = train_config(dataset, 20)
+    source = trainer.fgid_batches(config, tmp_path)
+
+    def batches(start):
+        for i, b in enumerate(source(start)):
+            if i == 7:  # a preemption notice arrives while step 7 is being fetched
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
+
+    result = trainer.train(config, tmp_path, batches)
+    assert result.preempted and 7 <= result.step < 20
+    _, params, step = export.restore_trainable(tmp_path)
+    assert step == result.step
+    jax.tree.map(np.testing.assert_array_equal, params, result.trainable)
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_the_single_process_run(dataset, tmp_path):
+    """launch/local_multiprocess.py: 2 processes x 4 CPU devices vs this process's 8 devices."""
+    steps = 5
+    single = trainer.train(train_config(dataset, steps), tmp_path / "single")
+    sys.path.insert(0, str(REPO / "launch"))
+    import local_multiprocess
+
+    flags = [f"--config={REPO / 'tests' / 'train_test_config.py'}", f"--workdir={tmp_path / 'multi'}",
+             f"--config.data.path={dataset}", f"--config.train.num_steps={steps}"]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
+    assert local_multiprocess.launch(2, 4, flags, env=env) == 0
+    multi = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in multi] == list(range(1, steps + 1))
+    np.testing.assert_allclose([m["loss"] for m in multi], [h["loss"] for h in single.history], rtol=1e-4)
+    np.testing.assert_allclose([m["facial_loss"] for m in multi],
+                               [h["facial_loss"] for h in single.history], rtol=1e-3, atol=1e-6)

@@ -1,0 +1,69 @@
+"""A PyTorch rendering of the reference ConsistentID SD1.5 sampling loop (spec §6 steps 6-12), with
+diffusers' UNet / VAE / schedulers, transformers' CLIP encoders and the PyTorch ConsistentID
+modules of `consistentid.py`. Written from the spec for parity tests and benchmarks only.
+
+Inputs are the host-side arrays our pipeline builds (token ids, masks, CLIP-normalised images,
+NHWC numpy); the loop is the reference's Python loop with `if i <= start_merge_step`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _nchw(x) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x, np.float32), -1, -3)))
+
+
+@torch.no_grad()
+def embedding_sets(text_encoder, vision, facial_encoder, image_proj, inputs: dict):
+    """(null, text, augmented), each [B, 77 + 4, E], as the reference pipeline builds them."""
+    ids = lambda k: torch.from_numpy(np.asarray(inputs[k], np.int64))  # noqa: E731
+
+    def clip_hidden(images):  # [..., H, W, 3] -> [..., T, D]
+        lead = images.shape[:-3]
+        flat = _nchw(np.reshape(images, (-1,) + images.shape[-3:]))
+        h = vision(pixel_values=flat, output_hidden_states=True).hidden_states[-2]
+        return h.reshape(*lead, *h.shape[1:])
+
+    token_mask = torch.from_numpy(np.asarray(inputs["facial_token_mask"], bool))
+    valid = torch.from_numpy(np.asarray(inputs["facial_token_idx_mask"], bool))
+    facial_text = text_encoder(ids("input_ids"))[0]
+    text_only = text_encoder(ids("text_only_ids"))[0]
+    negative = text_encoder(ids("negative_ids"))[0]
+
+    clip = clip_hidden(inputs["clip_image"])
+    uncond_clip = clip_hidden(np.zeros_like(inputs["clip_image"]))
+    id_emb = torch.from_numpy(np.asarray(inputs["id_embedding"], np.float32))
+    id_tokens = image_proj(id_emb, clip, shortcut=False)
+    uncond_tokens = image_proj(torch.zeros_like(id_emb), uncond_clip, shortcut=False)
+
+    parts = clip_hidden(inputs["part_clip_images"])
+    uncond_parts = clip_hidden(np.zeros_like(inputs["part_clip_images"]))
+    facial = facial_encoder(facial_text, parts, token_mask, valid)
+    uncond_facial = facial_encoder(negative, uncond_parts, token_mask, valid)  # positive masks (§9.6)
+
+    null = torch.cat([uncond_facial, uncond_tokens], dim=1)
+    augmented = torch.cat([facial, id_tokens], dim=1)
+    text = torch.cat([text_only, id_tokens], dim=1)
+    return null, text, augmented
+
+
+@torch.no_grad()
+def sample(unet, vae, scheduler, sets, noise_nhwc, steps: int, start_merge_step: int, guidance: float):
+    """The denoising loop + decode. Returns (images [B,H,W,3] in [0,1], per-step guided eps NHWC)."""
+    null, text, augmented = sets
+    scheduler.set_timesteps(steps)
+    latents = _nchw(noise_nhwc) * scheduler.init_noise_sigma
+    per_step = []
+    for i, t in enumerate(scheduler.timesteps):
+        cond = text if i <= start_merge_step else augmented
+        latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        eps = unet(latent_in, t, encoder_hidden_states=torch.cat([null, cond])).sample
+        eps_uncond, eps_cond = eps.chunk(2)
+        guided = eps_uncond + guidance * (eps_cond - eps_uncond)
+        per_step.append(guided.permute(0, 2, 3, 1).numpy())
+        latents = scheduler.step(guided, t, latents).prev_sample
+    image = vae.decode(latents / vae.config.scaling_factor).sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return image.permute(0, 2, 3, 1).numpy(), np.stack(per_step)
