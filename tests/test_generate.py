@@ -1,6 +1,5 @@
 """Generation pipeline and CLI on tiny random models (CPU): the merge switch, the compiled loop,
 the CLI end to end with the offline face fallback, and the clear errors."""
-import json
 import pathlib
 
 import jax

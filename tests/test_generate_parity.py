@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
     trainable = random_params(abstract_trainable(model, frozen), seed=2)
     ckpt = root / "consistentid.safetensors"
     export_trainable(trainable, model, ckpt)
-    loaded_trainable, _ = gen.load_trainable_file(ckpt, model, jax.eval_shape(lambda: trainable))
+    loaded_trainable, _ = gen.load_trainable_file(ckpt, config, model)
 
     # PyTorch ConsistentID modules from the exported file.
     groups = {}

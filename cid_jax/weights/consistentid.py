@@ -561,7 +561,7 @@ def save_reference_bin(groups: Mapping[str, StateDict], path: os.PathLike,
     import torch
 
     path = pathlib.Path(path)
-    obj = {g: OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in sd.items())
+    obj = {g: OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())
            for g, sd in groups.items()}
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
     side = sidecar_path(path)

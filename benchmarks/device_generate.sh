@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# ConsistentID generation on one GPU (H100): SD1.5 architecture at 512 px, 50 Euler steps, CFG 5,
+# merge step 30, bf16 -- our compiled JAX pipeline and the PyTorch/diffusers path in the same run;
+# prints seconds per image for both (median of 3 after a warm-up) and writes a markdown report.
+#
+#   bash benchmarks/device_generate.sh                 # from the repository root, on the GPU machine
+#   bash benchmarks/device_generate.sh --runs=5 --batch=4   # extra flags go to benchmarks/generate.py
+#
+# Weights: no SD1.5 / CLIP-H / ConsistentID weights can be downloaded here, so both sides run the
+# real architectures (UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M, CLIP ViT-H/14 vision 632.1 M,
+# ConsistentID FacialEncoder/ProjPlus/LoRA-128 adapters 184.0 M params) with random weights,
+# written once with save_pretrained / our exporter and read back by each side's loader. Speed does
+# not depend on the values (random bf16 weights may even overflow: the image diff is then not
+# meaningful, the timings are).
+#
+# Budget: ~2 min to create and save the random weights (~6.5 GB fp32 under /tmp) and load them,
+# ~1-2 min XLA compilation, then 4 + 4 generations. Give the command a 10 min timeout.
+#
+# Python packages: the GPU image has jax (CUDA), flax, orbax, torch, transformers, safetensors,
+# scikit-image; it lacks diffusers, ml-collections and importlib-metadata. Carry them as wheels in
+# .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`), downloaded on the dev machine with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       diffusers==0.42.1 ml-collections==1.1.0 importlib-metadata
+# and run with `carry: [".whl"]`; this script installs them into /tmp/site when .whl/ exists.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 USE_TF=0
+export DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
+# Both frameworks share the GPU in one process: JAX takes 45% instead of its default 75%.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+
+"$PY" - <<'PYEOF'
+import importlib
+missing = []
+for name in ("jax", "flax", "orbax.checkpoint", "ml_collections", "torch", "diffusers", "transformers",
+             "safetensors", "skimage", "scipy", "PIL", "tqdm", "regex"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if missing:
+    raise SystemExit("missing Python packages: " + "; ".join(missing)
+                     + "\ncarry them as wheels in .whl/ (see the comment at the top of benchmarks/device_generate.sh)")
+import jax, torch
+print(f"jax {jax.__version__}: {jax.devices()}")
+print(f"torch {torch.__version__}: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA'}")
+if jax.default_backend() != "gpu" or not torch.cuda.is_available():
+    raise SystemExit("this benchmark needs a GPU visible to both JAX and PyTorch")
+PYEOF
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+REPORT_DIR=${OUT:-benchmarks/results}
+mkdir -p "$REPORT_DIR"
+"$PY" benchmarks/generate.py --presets=sd15 --device=gpu --dtype=bf16 --steps=50 --merge-step=30 \
+  --guidance=5 --runs=3 --weights-dir=/tmp/cid_generate_weights --out="$REPORT_DIR/generate_sd15_gpu.md" "$@"

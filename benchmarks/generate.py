@@ -1,0 +1,424 @@
+"""Seconds per image: our compiled JAX ConsistentID pipeline vs the PyTorch/diffusers path, same run.
+
+    python benchmarks/generate.py --presets=tiny,mid --runs=3 --out=benchmarks/results/generate.md
+    python benchmarks/generate.py --presets=sd15 --device=gpu --dtype=bf16 --steps=50   # see device_generate.sh
+
+Both sides compute the same thing from the same files (random weights; no real weights are
+downloadable here): diffusers/transformers models are created with their default random init and
+written with `save_pretrained` (UNet, VAE, CLIP text encoder, CLIP vision encoder, an SD1.5
+scheduler config), the ConsistentID trainable modules get random values and are exported with
+`cid_jax.export.export_run` (our safetensors layout). Then
+
+* ours:    `cid_jax.generate.load` (the CLI's loader) + `cid_jax.pipeline.Generator`: the three
+           embedding sets, the whole denoising loop (`lax.scan`) with CFG and the merge switch, and
+           the VAE decode in one jitted function;
+* PyTorch: `convert/run_pytorch.py`'s `ConsistentIDTorch` (diffusers UNet2DConditionModel /
+           AutoencoderKL / Euler scheduler, transformers CLIP, PyTorch ConsistentID modules): the
+           reference pipeline's loop, i.e. diffusers' StableDiffusionPipeline structure (Python
+           loop, one UNet call per step on the CFG-doubled batch), eager mode.
+
+Timed: host inputs (token ids, CLIP-preprocessed photo and part images, initial noise: built once
+by the shared numpy code and given to both) -> decoded images on the host. Face parsing and
+preprocessing are the same numpy code for both and are not timed. Each side gets one warm-up
+call (ours: includes XLA compilation, reported separately), then `--runs` timed calls,
+alternating ours / PyTorch so background load hits both alike; the median is reported. With
+bf16/fp16 both sides hold their weights in that dtype (PyTorch: `.to(dtype)`; ours: the param
+trees cast once, `--keep-fp32-params` to skip). The max abs difference between the two final
+images is printed as a check that the computation is the same (fp32: ~1e-3 or less).
+
+Presets (architectures as diffusers/transformers config fields):
+  tiny  the demo config's tiny models (configs/demo.py), 64 px, 10 steps
+  mid   SD1.5's layout at 1/5 width (UNet 64-128-256-256, 2 layers/block, 8 heads of 8..32),
+        CLIP text 4x256, CLIP vision 4x256 patch 14 (257 tokens like ViT-H), VAE 32-64-128-128,
+        256 px, 20 steps
+  sd15  the real SD1.5 UNet/VAE/CLIP-L text + CLIP ViT-H/14 vision + ConsistentID's default
+        FacialEncoder/ProjPlus/LoRA-128 adapters, 512 px, 50 steps (for a GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOWN_SD = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+UP_SD = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+VAE_BLOCKS = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+CLIP_TEXT = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
+                 eos_token_id=49407)
+
+
+def _demo_tiny():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    c = demo.get_config()
+    t = c.model.tiny
+    return dict(unet=dict(t.unet), vae=dict(t.vae), text=dict(t.text[0]), vision=dict(t.vision),
+                facial_encoder=dict(c.model.facial_encoder), lora_rank=c.model.lora_rank, size=64, steps=10)
+
+
+PRESETS = {
+    "tiny": _demo_tiny,
+    "mid": lambda: dict(
+        unet=dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=[64, 128, 256, 256],
+                  layers_per_block=2, attention_head_dim=8, cross_attention_dim=256, norm_num_groups=32,
+                  down_block_types=DOWN_SD, up_block_types=UP_SD),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 128, 128],
+                 layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215, **VAE_BLOCKS),
+        text=dict(CLIP_TEXT, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  projection_dim=256),
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=224, patch_size=14, hidden_act="gelu", projection_dim=256),
+        facial_encoder=dict(dim=256, depth=2, heads=4), lora_rank=32, size=256, steps=20),
+    "sd15": lambda: dict(
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
+                  layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+                  down_block_types=DOWN_SD, up_block_types=UP_SD),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+                 layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215, **VAE_BLOCKS),
+        text=dict(CLIP_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768),
+        vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                    image_size=224, patch_size=14, hidden_act="gelu", projection_dim=1024, layer_norm_eps=1e-5),
+        facial_encoder={}, lora_rank=128, size=512, steps=50),
+}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ weights
+
+
+def random_params(abstract, seed: int):
+    """Random host values of init-like scale for an abstract param tree (numpy: no compilation)."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        z = rng.standard_normal(leaf.shape, dtype=np.float32)
+        if name == "scale":
+            return 1 + 0.05 * z
+        if name == "bias":
+            return 0.05 * z
+        fan_in = np.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else leaf.shape[-1]
+        return z * np.float32(1 / np.sqrt(fan_in))
+
+    return jax.tree.unflatten(treedef, [draw(p, x) for p, x in flat])
+
+
+def _torch_models(preset: dict):
+    """The base models as diffusers/transformers build them (random init; on the current torch device)."""
+    import diffusers
+    import transformers
+
+    return {"base/unet": diffusers.UNet2DConditionModel(**preset["unet"]),
+            "base/vae": diffusers.AutoencoderKL(**preset["vae"]),
+            "base/text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**preset["text"])),
+            "clip": transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**preset["vision"]))}
+
+
+def _our_config(preset: dict, root: pathlib.Path, seed: int):
+    from cid_jax.config_base import base_config
+
+    config = base_config()
+    config.seed = seed
+    config.model.base, config.model.image_encoder = str(root / "base"), str(root / "clip")
+    config.model.lora_rank = preset["lora_rank"]
+    config.model.facial_encoder.update(preset["facial_encoder"])
+    config.model.facial_loss_mode = "none"
+    config.data.pairing = "reference"
+    return config
+
+
+def _abstract(model):
+    import jax
+
+    from cid_jax.models import build as build_lib
+
+    key = jax.random.key(0)
+    frozen = jax.eval_shape(lambda: build_lib.init_frozen_random(model, key))
+    return frozen, jax.eval_shape(lambda f: build_lib.init_trainable(model, f, key), frozen)
+
+
+def write_weights(preset: dict, root: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """diffusers/transformers folders + a training-style workdir (config.json + exported
+    ConsistentID safetensors) under `root`; returns the workdir. Reused if already complete."""
+    workdir = root / "workdir"
+    marker = root / "complete.json"
+    if marker.exists() and json.loads(marker.read_text()) == preset:
+        log(f"reusing the weights in {root}")
+        return workdir
+    import diffusers
+    import torch
+
+    from cid_jax import export
+    from cid_jax.models import build as build_lib
+    from cid_jax.schedulers import SD15_SCHEDULER_CONFIG
+
+    shutil.rmtree(root, ignore_errors=True)
+    torch.manual_seed(seed)
+    log("creating the PyTorch base models (random init) and saving them")
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is much faster on a GPU
+        models = _torch_models(preset)
+    for sub, m in models.items():
+        m.save_pretrained(root / sub)
+    del models
+    diffusers.EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG).save_pretrained(root / "base" / "scheduler")
+
+    config = _our_config(preset, root, seed)
+    model = build_lib.build_modules(config)
+    log("random ConsistentID trainable params -> cid_jax.export.export_run")
+    trainable = random_params(_abstract(model)[1], seed)
+    workdir.mkdir(parents=True)
+    export.export_run(config, trainable, workdir, step=0, out=workdir / "consistentid.safetensors", dtype="fp32")
+    (workdir / "config.json").write_text(config.to_json())
+    marker.write_text(json.dumps(preset))
+    return workdir
+
+
+def dry_run(name: str) -> str:
+    """No weights, no compute: the preset's PyTorch models on the meta device write their configs;
+    our modules are built from them; parameter counts of each base model must agree, and the
+    ConsistentID export layout is derived (and, for sd15, must be the reference key table's)."""
+    import jax
+    import numpy as np
+    import torch
+
+    from cid_jax import export
+    from cid_jax.models import build as build_lib
+    from cid_jax.weights import consistentid as cw
+
+    preset = PRESETS[name]()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        with torch.device("meta"):
+            models = _torch_models(preset)
+        for sub, m in models.items():
+            (m.save_config if hasattr(m, "save_config") else m.config.save_pretrained)(root / sub)
+        config = _our_config(preset, root, 0)
+        model = build_lib.build_modules(config)
+        frozen, trainable = _abstract(model)
+        count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
+        ours = {"base/unet": count(frozen["unet"]), "base/vae": count(frozen["vae"]),
+                "base/text_encoder": count(frozen["text"]), "clip": count(frozen["vision"])}
+        lines = [f"{name}: {preset['size']} px, {preset['steps']} steps"]
+        for sub, m in models.items():
+            theirs = sum(p.numel() for p in m.parameters())
+            lines.append(f"  {sub}: PyTorch {theirs / 1e6:.2f} M params, ours {ours[sub] / 1e6:.2f} M")
+            if theirs != ours[sub]:
+                raise SystemExit(f"{name}: {sub} parameter counts differ: PyTorch {theirs} vs ours {ours[sub]}")
+        layout = export.layout_for_config(config, model)
+        if name == "sd15":
+            want = {g: sorted((k, tuple(s)) for k, s in v) for g, v in cw.reference_keys(cw.SD15).items()}
+            got = {g: sorted((k, tuple(s)) for k, s in v) for g, v in cw.reference_keys(layout).items()}
+            if want != got:
+                raise SystemExit("sd15: the export layout differs from the reference SD1.5 key table")
+        lines.append(f"  ConsistentID trainable: {count(trainable) / 1e6:.2f} M params, "
+                     f"{len(layout.sites)} attention processors")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- runs
+
+
+def host_inputs(loaded, batch: int, size: int, steps: int, sampler: str):
+    """The shared host-side inputs: astronaut photo, template parse, random unit ID embedding."""
+    import numpy as np
+    import skimage.data
+
+    from cid_jax import pipeline as pl
+    from cid_jax.face import template_parse
+    from cid_jax.text import DEFAULT_CAPTION_SD15
+
+    photo = skimage.data.astronaut()
+    emb = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    face = pl.face_batch(photo, template_parse(photo), emb / np.linalg.norm(emb))
+    text = pl.text_batch("a woman reading in a sunlit garden, film photo", "lowres, blurry",
+                         loaded.tokenizer, face.part_names, DEFAULT_CAPTION_SD15, "reference")
+    inputs = pl.model_inputs([face] * batch, [text] * batch)
+    noise = pl.initial_noise(range(batch), pl.latent_shape(loaded.model, size, size))
+    return inputs, noise, pl.scheduler_state(sampler, steps, loaded.noise_config)
+
+
+def run_preset(name: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from cid_jax import generate as gen
+    from cid_jax import pipeline as pl
+
+    preset = PRESETS[name]()
+    steps = args.steps or preset["steps"]
+    size = preset["size"]
+    root = pathlib.Path(args.weights_dir) / name if args.weights_dir else pathlib.Path(tempfile.mkdtemp()) / name
+    workdir = write_weights(preset, root)
+
+    log(f"[{name}] loading ours (cid_jax.generate.load)")
+    jax_dtype = TORCH_DTYPES[args.dtype]
+    loaded = gen.load(str(workdir), dtype=jax_dtype)
+    cast = (lambda x: x) if args.dtype == "fp32" or args.keep_fp32_params else (
+        lambda x: x.astype(jax_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+    frozen, trainable = jax.device_put(jax.tree.map(lambda x: cast(jnp.asarray(x)), (loaded.frozen, loaded.trainable)))
+    inputs, noise, state = host_inputs(loaded, args.batch, size, steps, args.sampler)
+    g = pl.Generator(loaded.model)
+
+    log(f"[{name}] loading PyTorch (convert/run_pytorch.py ConsistentIDTorch)")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_pytorch", ROOT / "convert" / "run_pytorch.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    device = "cuda" if args.device == "gpu" else "cpu"
+    runner = rp.ConsistentIDTorch(workdir / "consistentid.safetensors", root / "base", root / "clip", device=device,
+                                  dtype=getattr(torch, TORCH_DTYPES[args.dtype]), sampler=args.sampler,
+                                  facial_encoder_heads=loaded.model.facial_encoder.heads)
+
+    def ours():
+        return np.asarray(g(frozen, trainable, inputs, noise, state, args.merge_step, args.guidance)[0])
+
+    def theirs():
+        with contextlib.redirect_stderr(io.StringIO()):  # its per-step progress line
+            out = runner(inputs, noise, steps, args.merge_step, args.guidance)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+    log(f"[{name}] warm-up (ours: compilation)")
+    first_ours, _ = timed(ours)
+    first_theirs, _ = timed(theirs)
+    t_ours, t_theirs = [], []
+    for r in range(args.runs):
+        dt, img_ours = timed(ours)
+        t_ours.append(dt / args.batch)
+        dt, img_theirs = timed(theirs)
+        t_theirs.append(dt / args.batch)
+        log(f"[{name}] run {r + 1}/{args.runs}: ours {t_ours[-1]:.3f} s/img, PyTorch {t_theirs[-1]:.3f} s/img")
+    diff = float(np.abs(img_ours.astype(np.float32) - img_theirs.astype(np.float32)).max())
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((frozen, trainable)))
+    if not args.weights_dir:
+        shutil.rmtree(root.parent, ignore_errors=True)
+    return dict(preset=name, size=size, steps=steps, merge=args.merge_step, params=n_params, t_ours=t_ours, t_theirs=t_theirs,
+                first_ours=first_ours, first_theirs=first_theirs, max_diff=diff,
+                jax_device=str(jax.devices()[0]), torch_device=device)
+
+
+def report(results: list[dict], args) -> str:
+    import diffusers
+    import jax
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    lines = ["# ConsistentID generation: seconds per image, cid_jax (JAX) vs PyTorch/diffusers", "",
+             f"Command: `python {' '.join([str(pathlib.Path(sys.argv[0]).as_posix())] + sys.argv[1:])}`",
+             f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({len(os.sched_getaffinity(0))} used); "
+             f"load average at the end "
+             f"{'/'.join(f'{x:.1f}' if isinstance(x, float) else x for x in load)}; jax {jax.__version__} "
+             f"({results[0]['jax_device']}), torch {torch.__version__} ({results[0]['torch_device']}"
+             f"{', ' + str(torch.get_num_threads()) + ' threads' if results[0]['torch_device'] == 'cpu' else ''}), "
+             f"diffusers {diffusers.__version__}.",
+             f"Setting: {args.dtype}, {args.sampler}, CFG {args.guidance}, batch {args.batch} (times are per "
+             f"image), median of {args.runs} alternating runs after one warm-up.", "",
+             "| preset | px | steps (merge) | params | cid_jax s/img | PyTorch s/img | ratio (ours / PyTorch) | "
+             "cid_jax 1st call (compile) s | PyTorch 1st call s | max abs image diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mo, mt = statistics.median(r["t_ours"]), statistics.median(r["t_theirs"])
+        lines.append(f"| {r['preset']} | {r['size']} | {r['steps']} ({r['merge']}) | {r['params'] / 1e6:.1f} M | {mo:.3f} | "
+                     f"{mt:.3f} | **{mo / mt:.2f}x** | {r['first_ours']:.1f} | {r['first_theirs']:.2f} | "
+                     f"{r['max_diff']:.1e} |")
+    lines += ["", "Runs (s/img): " + "; ".join(
+        f"{r['preset']}: ours {', '.join(f'{t:.3f}' for t in r['t_ours'])} / PyTorch "
+        f"{', '.join(f'{t:.3f}' for t in r['t_theirs'])}" for r in results), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny,mid", help=f"comma-separated, of {sorted(PRESETS)}")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32")
+    p.add_argument("--keep-fp32-params", action="store_true", help="ours: keep fp32 params with a low-precision dtype")
+    p.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="images per call (one prompt, several seeds)")
+    p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--merge-step", type=int, default=None, help="default: 30/50 of the steps (the reference's)")
+    p.add_argument("--cpus", type=int, default=None,
+                   help="CPU runs: pin the process to this many cores and give PyTorch as many threads "
+                        "(XLA sizes its pool from the same affinity); default: all cores")
+    p.add_argument("--weights-dir", default=None, help="keep/reuse the random weights here (default: a temp dir)")
+    p.add_argument("--out", default=None, help="write the markdown report here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only check the presets: configs, parameter counts PyTorch vs ours, export layout")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.presets.split(",") if n not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+    if args.runs < 1:
+        p.error("--runs must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if args.cpus:  # before jax/torch start their thread pools
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
+    else:  # one process holds both frameworks: leave PyTorch room on the GPU
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+    os.environ.setdefault("USE_TF", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.dry_run:
+        for name in args.presets.split(","):
+            print(dry_run(name))
+        return 0
+    import torch
+
+    if args.device == "cpu" and args.cpus:
+        torch.set_num_threads(args.cpus)
+    results = []
+    for name in args.presets.split(","):
+        steps = args.steps or PRESETS[name]()["steps"]
+        run_args = argparse.Namespace(**vars(args))
+        run_args.merge_step = args.merge_step if args.merge_step is not None else round(steps * 30 / 50)
+        results.append(run_preset(name, run_args))
+    text = report(results, args)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
