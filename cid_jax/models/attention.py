@@ -66,11 +66,47 @@ def attend_with_probs(probs: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None) -> jax.Array:
-    """Fused attention where no probabilities are needed (cuDNN flash kernel on GPU, XLA elsewhere).
+# How `dot_product_attention` runs: "auto" picks the query-chunked kernel when compiling for the
+# CPU and the fused kernel elsewhere; `cid_jax.aot` sets "fused" when compiling for TPU from a CPU host.
+ATTENTION_KERNEL = {"mode": "auto"}
+_CPU_CHUNK = 128          # queries per block: a [B, H, 128, Lk] logits block stays cache-sized
+_CPU_CHUNK_MIN_SCORES = 1 << 20
 
-    q/k/v [B, L, H, D]; returns [B, Lq, H, D].
-    """
+
+def set_attention_kernel(mode: str) -> None:
+    """'auto' (default), 'fused' (jax.nn.dot_product_attention) or 'chunked' (CPU-friendly)."""
+    if mode not in ("auto", "fused", "chunked"):
+        raise ValueError(f"attention kernel must be auto, fused or chunked, got {mode!r}")
+    ATTENTION_KERNEL["mode"] = mode
+
+
+def _chunked_attention(q, k, v, chunk: int) -> jax.Array:
+    """Exact attention over blocks of `chunk` queries, normalising after the value product.
+
+    On XLA:CPU this is ~2x faster than materialising the full [B, H, Lq, Lk] softmax (which is
+    memory-bound at 4096 tokens) and needs a fraction of the memory."""
+    b, lq, h, d = q.shape
+    q = q * (1.0 / math.sqrt(d))
+
+    def block(qb):
+        s = jnp.einsum("bqhd,bkhd->bhqk", qb, k, preferred_element_type=jnp.float32)
+        p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (o / jnp.sum(p, axis=-1).transpose(0, 2, 1)[..., None]).astype(v.dtype)
+
+    blocks = q.reshape(b, lq // chunk, chunk, h, d).swapaxes(0, 1)
+    return jax.lax.map(block, blocks).swapaxes(0, 1).reshape(b, lq, h, d)
+
+
+def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Attention where no probabilities are needed: q/k/v [B, L, H, D] -> [B, Lq, H, D].
+
+    The fused kernel (cuDNN flash attention on GPU when available, XLA elsewhere), except on the
+    CPU for long unmasked sequences, where the query-chunked form is faster and leaner."""
+    mode = ATTENTION_KERNEL["mode"]
+    long = q.shape[1] * k.shape[1] >= _CPU_CHUNK_MIN_SCORES and q.shape[1] % _CPU_CHUNK == 0
+    if mask is None and long and (mode == "chunked" or (mode == "auto" and jax.default_backend() == "cpu")):
+        return _chunked_attention(q, k, v, _CPU_CHUNK)
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 

@@ -1,0 +1,22 @@
+"""The CPU attention kernel (query-chunked, deferred normalisation) equals the fused kernel."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cid_jax.models import attention
+
+
+@pytest.mark.parametrize("lq,lk", [(1024, 1024), (4096, 77 * 16)])
+def test_chunked_attention_equals_fused(rng, lq, lk):
+    q = jnp.asarray(rng.standard_normal((2, lq, 4, 40)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, lk, 4, 40)), jnp.float32) for _ in range(2))
+    ref = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(attention._chunked_attention(q, k, v, 128), ref, atol=2e-6)
+    attention.set_attention_kernel("chunked")
+    try:
+        np.testing.assert_allclose(jax.jit(attention.dot_product_attention)(q, k, v), ref, atol=2e-6)
+    finally:
+        attention.set_attention_kernel("auto")
+    with pytest.raises(ValueError, match="kernel"):
+        attention.set_attention_kernel("flash9")
