@@ -365,7 +365,8 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     t0 = time.perf_counter()
     compiled = jitted.lower(state, frozen, first, k_step).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
-    logging.info("train step compiled in %.1f s (%.3g GFLOP per step)", time.perf_counter() - t0, flops / 1e9)
+    logging.info("train step compiled in %.1f s (%.3g GFLOP per device per step)",
+                 time.perf_counter() - t0, flops / 1e9)
 
     writer = observe.Writer(workdir, config, mesh)
     preempt = _Preemption()
@@ -386,7 +387,7 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
                 dt = (now - t_log) / (step - step_at_log)  # steps are async: average since last log
                 t_log, step_at_log = now, step
                 metrics.update(step_time_s=dt, samples_per_s=config.train.global_batch / dt,
-                               tflops_per_device=flops / dt / 1e12 / jax.device_count(),
+                               tflops_per_device=flops / dt / 1e12,  # XLA counts one device's program
                                lr=float(config.optim.lr))
                 history.append(dict(step=step, **metrics))
                 writer.scalars(step, metrics)

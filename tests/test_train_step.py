@@ -61,7 +61,11 @@ def test_sharded_step_equals_single_device_step():
     assert any("fsdp" in str(s) for s in specs)
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    # Adam's first update is ~lr * sign(grad): where a gradient is ~eps, reduction order alone moves
-    # it, so params are compared to a fifth of one step (lr 1e-4); the gradients agree (grad_norm).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5), p8, p1)
+    # Adam's first update is ~lr * g / (|g| + eps): where |g| is near eps (1e-8) the reduction order
+    # of the sharded sums alone can move it by up to a whole step (lr). So: every parameter within
+    # two steps, and all but a handful (< 1e-4 of them) within a fifth of a step.
+    lr = config.optim.lr
+    diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1))])
+    assert diffs.max() <= 2 * lr, diffs.max()
+    assert np.mean(diffs > 0.2 * lr) < 1e-4, np.sort(diffs)[-10:]
     assert np.isfinite(m1["loss"]) and m1["facial_loss"] != 0.0
