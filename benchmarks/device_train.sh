@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# ConsistentID train step on one GPU (H100): SD1.5 architecture at 512 px, bf16 compute (fp32
+# params and AdamW state on both sides), per-chip batch 8 -- our jitted step
+# (cid_jax.trainer.jit_train_step on a 1-device mesh) and the PyTorch reference step (diffusers
+# UNet/VAE + transformers CLIP + the PyTorch ConsistentID adapters/FacialEncoder/ProjPlus of
+# tests/torch_reference, torch.autocast bf16, AdamW on the trainable params only) in the same run,
+# each in its own subprocess. Prints per side: median step time of 5 after 2 warm-up steps,
+# samples/s, peak device memory; for ours the XLA compile time and the per-device FLOP count of the
+# compiled step (cost analysis); TFLOP/s and MFU against the H100 bf16 dense peak (989 TFLOP/s)
+# for both sides from that same count. Loss = noise MSE + 0.01 * facial localization loss (cross
+# capture) on both sides.
+#
+#   bash benchmarks/device_train.sh                      # from the repository root, on the GPU machine
+#   bash benchmarks/device_train.sh --batch=16 --remat   # extra flags go to benchmarks/train_step.py
+#   bash benchmarks/device_train.sh --help
+#
+# Weights: no SD1.5 / CLIP-H / ConsistentID weights can be downloaded on the device machine, so both
+# sides initialise the real architectures (UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M, CLIP
+# ViT-H/14 vision 632.1 M frozen; FacialEncoder/ProjPlus/LoRA-128 adapters 184.0 M trainable) with
+# random weights directly on the device. The step's cost does not depend on the values; random bf16
+# activations may overflow, so the printed losses are only a sanity signal, the timings are the result.
+#
+# Budget: JAX ~1-3 min (random init + compile), PyTorch ~1 min; give the command a 10 min timeout.
+#
+# Python packages: the GPU image has jax (CUDA), flax, optax, orbax, torch, transformers; it lacks
+# diffusers, ml-collections and importlib-metadata. Carry them as wheels in .whl/ (ignored by git:
+# `echo /.whl/ >> .git/info/exclude`), downloaded on the dev machine with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       diffusers==0.42.1 ml-collections==1.1.0 importlib-metadata
+# and run with `carry: [".whl"]`; this script installs them into /tmp/site when .whl/ exists.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+
+for a in "$@"; do
+  if [[ "$a" == "-h" || "$a" == "--help" ]]; then
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+    echo "train_step.py flags (appended after the defaults, so they override them):"
+    "$PY" benchmarks/train_step.py --help | sed -n '/^options:/,$p'
+    exit 0
+  fi
+done
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 USE_TF=0
+export DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
+# Each side has the GPU to itself (separate subprocesses, one after the other).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+
+"$PY" - <<'PYEOF'
+import importlib
+missing = []
+for name in ("jax", "flax", "optax", "orbax.checkpoint", "ml_collections", "torch", "diffusers",
+             "transformers", "numpy"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if missing:
+    raise SystemExit("missing Python packages: " + "; ".join(missing)
+                     + "\ncarry them as wheels in .whl/ (see the comment at the top of benchmarks/device_train.sh)")
+import jax, torch
+print(f"jax {jax.__version__}: {jax.devices()}")
+print(f"torch {torch.__version__}: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA'}")
+if jax.default_backend() != "gpu" or not torch.cuda.is_available():
+    raise SystemExit("this benchmark needs a GPU visible to both JAX and PyTorch")
+PYEOF
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+REPORT_DIR=${OUT:-benchmarks/results}
+mkdir -p "$REPORT_DIR"
+"$PY" benchmarks/train_step.py --preset=sd15 --device=gpu --dtype=bfloat16 --batch=8 --runs=5 --warmup=2 \
+  --out="$REPORT_DIR/train_step_sd15_gpu.md" "$@"
