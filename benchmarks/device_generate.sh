@@ -26,37 +26,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 USE_TF=0
-export DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
 # Both frameworks share the GPU in one process: JAX takes 45% instead of its default 75%.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
-
-"$PY" - <<'PYEOF'
-import importlib
-missing = []
-for name in ("jax", "flax", "orbax.checkpoint", "ml_collections", "torch", "diffusers", "transformers",
-             "safetensors", "skimage", "scipy", "PIL", "tqdm", "regex"):
-    try:
-        importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001
-        missing.append(f"{name} ({type(e).__name__}: {e})")
-if missing:
-    raise SystemExit("missing Python packages: " + "; ".join(missing)
-                     + "\ncarry them as wheels in .whl/ (see the comment at the top of benchmarks/device_generate.sh)")
-import jax, torch
-print(f"jax {jax.__version__}: {jax.devices()}")
-print(f"torch {torch.__version__}: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA'}")
-if jax.default_backend() != "gpu" or not torch.cuda.is_available():
-    raise SystemExit("this benchmark needs a GPU visible to both JAX and PyTorch")
-PYEOF
-
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-REPORT_DIR=${OUT:-benchmarks/results}
-mkdir -p "$REPORT_DIR"
+REQUIRED_PACKAGES="jax flax orbax.checkpoint ml_collections torch diffusers transformers safetensors skimage scipy PIL tqdm regex"
+source benchmarks/device_env.sh
 "$PY" benchmarks/generate.py --presets=sd15 --device=gpu --dtype=bf16 --steps=50 --merge-step=30 \
   --guidance=5 --runs=3 --weights-dir=/tmp/cid_generate_weights --out="$REPORT_DIR/generate_sd15_gpu.md" "$@"

@@ -41,37 +41,9 @@ for a in "$@"; do
   fi
 done
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 USE_TF=0
-export DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
 # Each side has the GPU to itself (separate subprocesses, one after the other).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-
-"$PY" - <<'PYEOF'
-import importlib
-missing = []
-for name in ("jax", "flax", "optax", "orbax.checkpoint", "ml_collections", "torch", "diffusers",
-             "transformers", "numpy"):
-    try:
-        importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001
-        missing.append(f"{name} ({type(e).__name__}: {e})")
-if missing:
-    raise SystemExit("missing Python packages: " + "; ".join(missing)
-                     + "\ncarry them as wheels in .whl/ (see the comment at the top of benchmarks/device_train.sh)")
-import jax, torch
-print(f"jax {jax.__version__}: {jax.devices()}")
-print(f"torch {torch.__version__}: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA'}")
-if jax.default_backend() != "gpu" or not torch.cuda.is_available():
-    raise SystemExit("this benchmark needs a GPU visible to both JAX and PyTorch")
-PYEOF
-
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-REPORT_DIR=${OUT:-benchmarks/results}
-mkdir -p "$REPORT_DIR"
+REQUIRED_PACKAGES="jax flax optax orbax.checkpoint ml_collections torch diffusers transformers numpy"
+source benchmarks/device_env.sh
 "$PY" benchmarks/train_step.py --preset=sd15 --device=gpu --dtype=bfloat16 --batch=8 --runs=5 --warmup=2 \
   --out="$REPORT_DIR/train_step_sd15_gpu.md" "$@"
