@@ -23,6 +23,9 @@ CORE = [
 EXTRAS = {
     # tf.data input pipeline and the tfds builder for FGID records.
     "data": ["tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10"],
+    # Dataset builds at scale as Apache Beam pipelines (DirectRunner locally, Dataflow/Flink/Spark).
+    # It caps protobuf < 7, pillow < 13 and pyarrow < 26; the constraints lock versions that fit.
+    "beam": ["apache-beam>=2.77"],
     # PyTorch parity references and export checks. Exactly 2.13.0: other specs pull a CUDA build here.
     "torch": ["torch==2.13.0", "diffusers>=0.42", "transformers>=5.0"],
     # Face detection and ArcFace embeddings through insightface (needs opencv-python, not headless).

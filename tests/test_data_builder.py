@@ -124,7 +124,10 @@ def test_folder_builder_csv_and_max_side(tmp_path):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    report = builder.build_from_folder(src, tmp_path / "out", max_side=64)
+    # through the CLI (`python -m cid_jax.data.builder folder ...`)
+    assert builder.main(["folder", f"--src={src}", f"--out={tmp_path / 'out'}", "--max_side=64", "--no_progress"]) == 0
+    (dataset_dir,) = builder.dataset_dirs(tmp_path / "out")
+    report = builder.report_of(dataset_dir)
     assert report.num_examples == {"train": 3}
     assert sorted(r["source_id"] for r in report.bad_records["train"]) == ["ghost", "p2"]
     got = by_source(read_back(report.dataset_dir))
@@ -165,8 +168,25 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     assert len(read_back(dataset_dir)) == 3
 
 
-def test_beam_build_with_direct_runner(tmp_path):
-    beam = pytest.importorskip("apache_beam", reason="apache-beam is not installed (optional, for builds at scale)")
-    report = builder.build_synthetic(tmp_path, num=5, size=64, use_beam=True,
-                                     beam_runner=beam.runners.DirectRunner())
-    assert report.num_examples == {"train": 5}
+def test_beam_build_with_direct_runner_equals_the_plain_build(tmp_path):
+    """The at-scale path: the same records and the same bad-record report through Beam's local runner."""
+    pytest.importorskip("apache_beam", reason="the `beam` extra is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_reference_fixture(src)
+    plain = builder.build_from_reference_json(src / "data.json", tmp_path / "plain")
+    # The Beam build through the CLI, as a user at scale would start it.
+    assert builder.main(["reference", f"--json={src / 'data.json'}", f"--out={tmp_path / 'beam'}",
+                         "--beam_runner=DirectRunner", "--no_progress"]) == 0
+    (beam_dir,) = builder.dataset_dirs(tmp_path / "beam")
+    beamed = builder.report_of(beam_dir)
+    assert beamed.num_examples == plain.num_examples == {"train": 4}
+    assert list(beamed.dataset_dir.glob("bad_records-train-*.jsonl"))  # written by the pipeline
+    def rows(report):
+        return sorted((r["key"], r["source_id"], r["reason"]) for r in report.bad_records["train"])
+    assert rows(beamed) == rows(plain) and len(rows(beamed)) == 3
+    got, want = by_source(read_back(beamed.dataset_dir)), by_source(read_back(plain.dataset_dir))
+    assert set(got) == set(want)
+    for sid, ex in want.items():
+        for name, value in ex.items():
+            np.testing.assert_array_equal(got[sid][name], value, err_msg=f"{sid}: {name}")

@@ -23,18 +23,20 @@ build leaves no half dataset); tfds shows tqdm progress bars.
 
 At scale, pass `use_beam=True` (and `beam_runner=` / `beam_options=` to `build`): the same record
 loading then runs as an Apache Beam pipeline (DirectRunner locally, Dataflow/Flink/Spark for a
-cluster) and bad records are written by Beam as `bad_records-<split>-*.jsonl`. This needs
-`apache-beam`, which is not a dependency of cid_jax.
+cluster) and bad records are written by Beam as `bad_records-<split>-*.jsonl`. This needs the
+`beam` extra (`pip install -c requirements/constraints.txt -e '.[data,beam]'`).
 """
 from __future__ import annotations
 
 import csv
-import inspect
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Iterator, Sequence
+import sys
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -72,7 +74,9 @@ class BuildReport:
 
 
 class _FgidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Shared machinery: `_sources()` lists records cheaply, `_load()` reads one (may raise)."""
+    """Shared machinery: `_sources()` lists records cheaply; `_loader()` returns a small picklable
+    callable that reads one (and may raise). The loader is separate from the builder because Beam
+    pickles it to its workers, and a tfds builder does not pickle."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First FGID record format (see cid_jax/data/README.md)."}
@@ -94,25 +98,16 @@ class _FgidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(builder=self, description=_DESCRIPTION,
                                      features=features_lib.features_dict())
 
-    # Subclasses: {split: [(source_id, source), ...]} and source -> record dict.
+    # Subclasses: {split: [(source_id, source), ...]} and a `source -> record dict` callable.
     def _sources(self) -> dict[str, list[tuple[str, Any]]]:
         raise NotImplementedError
 
-    def _load(self, source: Any) -> dict:
+    def _loader(self) -> Callable[[Any], dict]:
         raise NotImplementedError
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing is downloaded
         return {split: self._generate_examples(split, srcs) for split, srcs in self._sources().items()}
-
-    def _example_or_reason(self, key: str, source_id: str, source: Any):
-        """(key, example, None) or (key, None, reason); never raises for a bad record."""
-        try:
-            rec = self._load(source)
-            rec.setdefault("source_id", source_id)
-            return key, features_lib.validate_record(rec, self._max_side), None
-        except (features_lib.BadRecord, OSError, ValueError, KeyError, TypeError) as e:
-            return key, None, f"{type(e).__name__}: {e}"
 
     def _generate_examples(self, split: str, sources: Sequence[tuple[str, Any]]):
         keyed = [(f"{i:09d}", sid, src) for i, (sid, src) in enumerate(sources)]
@@ -122,10 +117,11 @@ class _FgidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _iter_examples(self, split, keyed) -> Iterator[tuple[str, dict]]:
         bad = []
+        load = self._loader()
         for key, sid, src in keyed:
-            key, example, reason = self._example_or_reason(key, sid, src)
+            key, example, bad_row = example_or_reason(load, self._max_side, key, sid, src)
             if example is None:
-                bad.append({"key": key, "source_id": sid, "reason": reason})
+                bad.append(bad_row)
                 continue
             yield key, example
         # Runs when tfds has consumed the generator; self.data_dir is then the (temporary) dataset
@@ -133,18 +129,30 @@ class _FgidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         _write_json(pathlib.Path(self.data_dir) / f"bad_records-{split}.json", bad)
 
 
+def example_or_reason(load: Callable[[Any], dict], max_side: int | None, key: str, source_id: str,
+                      source: Any):
+    """(key, example, None), or (key, None, its bad-record report row); never raises for a bad record."""
+    try:
+        rec = load(source)
+        rec.setdefault("source_id", source_id)
+        return key, features_lib.validate_record(rec, max_side), None
+    except (features_lib.BadRecord, OSError, ValueError, KeyError, TypeError) as e:
+        return key, None, {"key": key, "source_id": source_id, "reason": f"{type(e).__name__}: {e}"}
+
+
 def _beam_examples(builder: _FgidBuilder, split: str, keyed):
     """The Beam form of `_iter_examples` (a PTransform tfds applies to its pipeline)."""
     from tensorflow_datasets.core.utils.lazy_imports_utils import apache_beam as beam
 
     report_prefix = os.fspath(pathlib.Path(builder.data_dir) / f"bad_records-{split}")
+    # Only the loader and max_side travel to the workers, never the builder.
+    load_one = functools.partial(example_or_reason, builder._loader(), builder._max_side)
 
     def expand(root):
         results = (root | f"Sources_{split}" >> beam.Create(keyed)
-                   | f"Load_{split}" >> beam.MapTuple(builder._example_or_reason))
+                   | f"Load_{split}" >> beam.MapTuple(load_one))
         good, bad = results | f"Split_{split}" >> beam.Partition(lambda r, n: int(r[1] is None), 2)
-        _ = (bad | f"Reason_{split}" >> beam.Map(
-                lambda r: json.dumps({"key": r[0], "reason": r[2]}))
+        _ = (bad | f"Reason_{split}" >> beam.Map(lambda r: json.dumps(r[2]))
              | f"Report_{split}" >> beam.io.WriteToText(report_prefix, file_name_suffix=".jsonl"))
         return good | f"Examples_{split}" >> beam.Map(lambda r: (r[0], r[1]))
 
@@ -178,7 +186,7 @@ def _load_embedding(path: pathlib.Path) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-class FgidReference(_FgidBuilder):
+class FgidReference(_FgidBuilder, skip_registration=True):
     """FGID from the reference JSON layout (see the module docstring)."""
 
     def __init__(self, *, json_files: os.PathLike | str | dict[str, os.PathLike | str],
@@ -205,7 +213,19 @@ class FgidReference(_FgidBuilder):
                           for i, it in enumerate(items)]
         return out
 
-    def _load(self, item):
+    def _loader(self):
+        return ReferenceRecordLoader(self._image_root, self._parsing_root, self._faceid_root)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceRecordLoader:
+    """One record of the reference JSON layout -> record dict (paths resolved under the three roots)."""
+
+    image_root: pathlib.Path
+    parsing_root: pathlib.Path
+    faceid_root: pathlib.Path
+
+    def __call__(self, item) -> dict:
         if not isinstance(item, dict):
             raise features_lib.BadRecord(f"record is a {type(item).__name__}, not an object")
         missing = [k for k in ("resize_IMG", "parsing_mask_IMG", "vqa_llva", "vqa_llva_more_face_detail")
@@ -216,11 +236,11 @@ class FgidReference(_FgidBuilder):
         # The reference's precedence: origin, then resize, else zeros. An empty value counts as absent.
         for key in ("id_embed_file_origin", "id_embed_file_resize"):
             if item.get(key):
-                emb = _load_embedding(self._faceid_root / item[key])
+                emb = _load_embedding(self.faceid_root / item[key])
                 break
         return {
-            "image": self._image_root / item["resize_IMG"],
-            "parsing": self._parsing_root / item["parsing_mask_IMG"],
+            "image": self.image_root / item["resize_IMG"],
+            "parsing": self.parsing_root / item["parsing_mask_IMG"],
             "vqa_llva": item["vqa_llva"],
             "vqa_llva_more_face_detail": item["vqa_llva_more_face_detail"],
             "id_embedding": emb,
@@ -241,7 +261,7 @@ def read_caption_table(path: pathlib.Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-class FgidFolder(_FgidBuilder):
+class FgidFolder(_FgidBuilder, skip_registration=True):
     """FGID from our prepared-folder layout (see the module docstring and README.md)."""
 
     def __init__(self, *, source_dir: os.PathLike | str, **kwargs):
@@ -258,18 +278,28 @@ class FgidFolder(_FgidBuilder):
         rows = read_caption_table(table)
         return {"train": [(str(r.get("id", f"#{i}")), r) for i, r in enumerate(rows)]}
 
-    def _load(self, row):
+    def _loader(self):
+        return FolderRecordLoader(self._source_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderRecordLoader:
+    """One row of the prepared-folder layout -> record dict."""
+
+    source_dir: pathlib.Path
+
+    def __call__(self, row) -> dict:
         rid = str(row.get("id") or "")
         if not rid:
             raise features_lib.BadRecord("row has no id")
-        image = next((self._source_dir / "images" / f"{rid}{e}" for e in _IMAGE_EXTS
-                      if (self._source_dir / "images" / f"{rid}{e}").is_file()), None)
+        image = next((self.source_dir / "images" / f"{rid}{e}" for e in _IMAGE_EXTS
+                      if (self.source_dir / "images" / f"{rid}{e}").is_file()), None)
         if image is None:
             raise features_lib.BadRecord(f"image: missing file images/{rid}.{{jpg,jpeg,png}}")
-        emb_path = self._source_dir / "embeddings" / f"{rid}.npy"
+        emb_path = self.source_dir / "embeddings" / f"{rid}.npy"
         return {
             "image": image,
-            "parsing": self._source_dir / "masks" / f"{rid}.png",
+            "parsing": self.source_dir / "masks" / f"{rid}.png",
             "vqa_llva": row.get("vqa_llva"),
             "vqa_llva_more_face_detail": row.get("vqa_llva_more_face_detail"),
             "id_embedding": _load_embedding(emb_path) if emb_path.exists() else None,
@@ -277,7 +307,7 @@ class FgidFolder(_FgidBuilder):
         }
 
 
-class FgidSynthetic(_FgidBuilder):
+class FgidSynthetic(_FgidBuilder, skip_registration=True):
     """Synthetic FGID (`synthetic.render_sample`), deterministic in its arguments."""
 
     def __init__(self, *, num: int, seed: int = 0, size: int = 512, num_identities: int = 16,
@@ -294,10 +324,24 @@ class FgidSynthetic(_FgidBuilder):
     def _sources(self):
         return {"train": [(f"synthetic-{self._seed}-{i:07d}", i) for i in range(self._num)]}
 
-    def _load(self, index):
+    def _loader(self):
+        return SyntheticRecordLoader(self._seed, self._size, self._num_identities, self._missing)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticRecordLoader:
+    """Sample index -> synthetic record dict (`synthetic.render_sample`)."""
+
+    seed: int
+    size: int
+    num_identities: int
+    missing_embedding_prob: float
+
+    def __call__(self, index) -> dict:
         from cid_jax.data import synthetic
 
-        face = synthetic.render_sample(self._seed, index, self._size, self._num_identities, self._missing)
+        face = synthetic.render_sample(self.seed, index, self.size, self.num_identities,
+                                       self.missing_embedding_prob)
         rec = synthetic.record_of(face)
         if not face.has_id_embedding:
             rec["id_embedding"] = None
@@ -366,3 +410,72 @@ def dataset_dirs(data_dir: os.PathLike | str) -> Iterable[pathlib.Path]:
     """Built dataset folders (those with a dataset_info.json) under a tfds data_dir:
     `<name>/<version>`, or `<name>/<config>/<version>` for the synthetic builder."""
     return sorted(p.parent for p in pathlib.Path(data_dir).glob("**/dataset_info.json"))
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def _beam_pipeline_options(flags: str | None):
+    if not flags:
+        return None
+    import shlex
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return PipelineOptions(shlex.split(flags))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m cid_jax.data.builder",
+        description="Write an FGID dataset (TFRecord shards, tfds layout) from the reference JSON layout "
+                    "or from a prepared folder. Synthetic data: python -m cid_jax.data.synthetic.",
+        epilog="At scale: --beam_runner=DirectRunner (local processes) or DataflowRunner/FlinkRunner/"
+               "SparkRunner with --beam_options='--project=... --temp_location=...' (needs the `beam` extra).")
+    sub = p.add_subparsers(dest="source", required=True)
+    ref = sub.add_parser("reference", help="the reference training's JSON list of records")
+    ref.add_argument("--json", required=True, nargs="+", help="record list(s); SPLIT=PATH names a split "
+                     "(default: one file = train)")
+    ref.add_argument("--image_root", help="root of resize_IMG paths (default: the JSON file's folder)")
+    ref.add_argument("--parsing_root", help="root of parsing_mask_IMG paths (default: image_root)")
+    ref.add_argument("--faceid_root", help="root of id_embed_file_* paths (default: image_root)")
+    folder = sub.add_parser("folder", help="our prepared-folder layout (see cid_jax/data/README.md)")
+    folder.add_argument("--src", required=True, help="the prepared folder (captions + images/ masks/ embeddings/)")
+    for s in (ref, folder):
+        s.add_argument("--out", required=True, help="tfds data_dir to write the dataset into")
+        s.add_argument("--max_side", type=int, help="downscale images (and masks) whose longer side is larger")
+        s.add_argument("--num_shards", type=int, help="TFRecord shards per split (default: tfds picks)")
+        s.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset exists")
+        s.add_argument("--beam_runner", help="run the build as an Apache Beam pipeline on this runner")
+        s.add_argument("--beam_options", help="Beam pipeline flags, one string (e.g. '--direct_num_workers=2')")
+        s.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    args = p.parse_args(argv)
+
+    use_beam = bool(args.beam_runner or args.beam_options)
+    common = dict(max_side=args.max_side, use_beam=use_beam, num_shards=args.num_shards,
+                  progress=not args.no_progress, overwrite=args.overwrite,
+                  beam_runner=args.beam_runner, beam_options=_beam_pipeline_options(args.beam_options))
+    try:
+        if args.source == "reference":
+            named = [j.split("=", 1) if "=" in j else ("train", j) for j in args.json]
+            if len({s for s, _ in named}) != len(named):
+                p.error(f"--json: each split once, as SPLIT=PATH (got {args.json})")
+            report = build_from_reference_json(dict(named), args.out, image_root=args.image_root,
+                                               parsing_root=args.parsing_root, faceid_root=args.faceid_root,
+                                               **common)
+        else:
+            report = build_from_folder(args.src, args.out, **common)
+    except (FileNotFoundError, ValueError) as e:  # an unreadable source index: nothing was written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the package module, so Beam pickles the loaders by reference, not as `__main__` code.
+    from cid_jax.data import builder as _builder
+
+    raise SystemExit(_builder.main())
