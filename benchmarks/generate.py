@@ -327,7 +327,16 @@ def run_preset(name: str, args) -> dict:
         shutil.rmtree(root.parent, ignore_errors=True)
     return dict(preset=name, size=size, steps=steps, merge=args.merge_step, params=n_params, t_ours=t_ours, t_theirs=t_theirs,
                 first_ours=first_ours, first_theirs=first_theirs, max_diff=diff,
-                jax_device=str(jax.devices()[0]), torch_device=device)
+                jax_device=str(jax.devices()[0]), torch_device=device, attention=attention_note())
+
+
+def attention_note() -> str:
+    """Which attention kernel ours ran: on a GPU, cuDNN flash attention where its probe passed."""
+    from cid_jax.models import attention
+
+    probes = attention.CUDNN_PROBES
+    mode = attention.ATTENTION_KERNEL["mode"]
+    return f"{mode}" + (f", cuDNN on {sum(probes.values())}/{len(probes)} shapes" if probes else "")
 
 
 def report(results: list[dict], args) -> str:
@@ -345,7 +354,8 @@ def report(results: list[dict], args) -> str:
              f"{', ' + str(torch.get_num_threads()) + ' threads' if results[0]['torch_device'] == 'cpu' else ''}), "
              f"diffusers {diffusers.__version__}.",
              f"Setting: {args.dtype}, {args.sampler}, CFG {args.guidance}, batch {args.batch} (times are per "
-             f"image), median of {args.runs} alternating runs after one warm-up.", "",
+             f"image), median of {args.runs} alternating runs after one warm-up; ours' attention kernel: "
+             f"{results[0]['attention']}.", "",
              "| preset | px | steps (merge) | params | cid_jax s/img | PyTorch s/img | ratio (ours / PyTorch) | "
              "cid_jax 1st call (compile) s | PyTorch 1st call s | max abs image diff |",
              "|---|---|---|---|---|---|---|---|---|---|"]

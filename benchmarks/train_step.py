@@ -135,8 +135,11 @@ def run_jax(args) -> dict:
     import ml_collections
 
     from cid_jax import sharding, trainer
+    from cid_jax.models import attention
     from cid_jax.models import build as build_lib
     from configs import demo
+
+    attention.set_attention_kernel(args.attention)
 
     sizes = preset_sizes(args.preset)
     c = demo.get_config()
@@ -153,6 +156,7 @@ def run_jax(args) -> dict:
     t0 = time.perf_counter()
     model, frozen, trainable = build_lib.build(c, jax.random.key(0))
     build_s = time.perf_counter() - t0
+    print(f"ours: built the models in {build_s:.0f} s", file=sys.stderr, flush=True)
     batch = random_batch(sizes, args.batch)
     spec = trainer.batch_spec(c, model)
     for k, s in spec.items():  # the benchmark batch honours the trainer's input contract
@@ -171,6 +175,7 @@ def run_jax(args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, gb, jax.random.key(7)).compile()
     compile_s = time.perf_counter() - t0
+    print(f"ours: compiled the step in {compile_s:.0f} s", file=sys.stderr, flush=True)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float((cost or {}).get("flops", float("nan")))  # one device's program
@@ -194,7 +199,13 @@ def run_jax(args) -> dict:
     if args.device == "gpu":
         stats = jax.devices()[0].memory_stats() or {}
         mem["peak_device_gib"] = stats.get("peak_bytes_in_use", float("nan")) / 2**30
+    # Which attention kernel ran: "auto" on a GPU uses cuDNN flash attention per shape where it passed
+    # its probe (cid_jax.models.attention), XLA's elsewhere.
+    probes = attention.CUDNN_PROBES
+    kernel = (f"attention {args.attention}" + (f", cuDNN on {sum(probes.values())}/{len(probes)} shapes"
+                                              if probes else ""))
     return dict(impl="cid_jax (JAX/XLA)", times=times, compile_s=compile_s, build_s=build_s, flops=flops,
+                attention=kernel,
                 loss=metrics["loss"], facial_loss=metrics["facial_loss"], n_trainable=int(n_train),
                 n_frozen=int(n_frozen), peak_rss_gib=_peak_rss_gib(), device=str(jax.devices()[0]),
                 version=f"jax {jax.__version__}", **mem)
@@ -373,7 +384,8 @@ def report(args, results) -> str:
         med = statistics.median(r["times"])
         note = f"{r['version']}; {r['device']}"
         if "compile_s" in r:
-            note += f"; compile {r['compile_s']:.1f} s; XLA flops/step {r['flops'] / 1e12:.3f} T"
+            note += (f"; compile {r['compile_s']:.1f} s; XLA flops/step {r['flops'] / 1e12:.3f} T; "
+                     f"{r.get('attention', '')}")
         if "n_maps" in r:
             note += f"; {r['n_maps']} captured maps"
         lines.append(f"| {r['impl']} | {med:.3f} | {', '.join(f'{t:.3f}' for t in r['times'])} | "
@@ -406,6 +418,8 @@ def main():
     ap.add_argument("--no-facial", dest="facial", action="store_false",
                     help="loss = MSE only on both sides (no attention capture)")
     ap.add_argument("--impl", choices=["both", "jax", "torch"], default="both")
+    ap.add_argument("--attention", choices=["auto", "fused", "chunked", "cudnn"], default="auto",
+                    help="ours: attention kernel (auto: chunked on CPU, cuDNN on GPU where it works)")
     ap.add_argument("--out", default=None, help="write the markdown result here")
     args = ap.parse_args()
     if args.impl != "both":
@@ -419,7 +433,8 @@ def main():
     for impl in ("torch", "jax"):
         cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--preset", args.preset,
                "--batch", str(args.batch), "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device]
+               "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device,
+               "--attention", args.attention]
         cmd += (["--remat"] if args.remat else []) + ([] if args.facial else ["--no-facial"])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -427,7 +442,8 @@ def main():
             sys.stderr.write(proc.stderr[-6000:])
             raise SystemExit(f"{impl} side failed (rc {proc.returncode}): {' '.join(cmd)}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{impl}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        # Each side's raw result as soon as it is there: a later failure keeps it.
+        print(f"{impl}: done in {time.perf_counter() - t0:.0f} s: {json.dumps(results[-1])}", file=sys.stderr)
     text = report(args, results)
     print(text)
     if args.out:

@@ -345,11 +345,10 @@ def compile_plan(plan: Plan, mfu: float = 0.4, top_k: int = 8) -> Report:
     # (The cache's on/off switch is read once per process; the write threshold is read per compile.)
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-    previous_kernel = attention.ATTENTION_KERNEL["mode"]
-    # This host is a CPU, the target a TPU: trace the fused attention kernel the TPU run uses.
-    attention.set_attention_kernel("fused")
     try:
-        compiled = step.lower(plan.state, plan.frozen, plan.batch, plan.key).compile()
+        # This host is a CPU, the target a TPU: trace the fused attention kernel the TPU run uses.
+        with attention.attention_kernel("fused"):
+            compiled = step.lower(plan.state, plan.frozen, plan.batch, plan.key).compile()
     except Exception as e:  # XlaRuntimeError: TPU compiler's "Ran out of memory in memory space hbm"
         msg = str(e)
         if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
@@ -357,7 +356,6 @@ def compile_plan(plan: Plan, mfu: float = 0.4, top_k: int = 8) -> Report:
         raise
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
-        attention.set_attention_kernel(previous_kernel)
     compile_s = time.perf_counter() - t0
 
     mem = compiled.memory_analysis()

@@ -20,3 +20,14 @@ def test_chunked_attention_equals_fused(rng, lq, lk):
         attention.set_attention_kernel("auto")
     with pytest.raises(ValueError, match="kernel"):
         attention.set_attention_kernel("flash9")
+
+
+def test_auto_kernel_uses_xla_or_chunked_off_gpu(rng):
+    """'auto' only tries cuDNN on a GPU; elsewhere bf16 attention is XLA's (or the chunked kernel)."""
+    assert not attention.cudnn_attention_works(256, 77, 4, 40, "bfloat16")
+    assert not attention._probe_cudnn_attention(128, 77, 2, 40, "bfloat16")  # refused, logged, no raise
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 256, 4, 40)), jnp.bfloat16) for _ in range(3))
+    ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_array_equal(jax.jit(attention.dot_product_attention)(q, k, v), jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))(q, k, v))
+    assert ref.dtype == jnp.bfloat16

@@ -13,12 +13,15 @@ model code.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from cid_jax.sharding import dense_init
 
@@ -66,18 +69,33 @@ def attend_with_probs(probs: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-# How `dot_product_attention` runs: "auto" picks the query-chunked kernel when compiling for the
-# CPU and the fused kernel elsewhere; `cid_jax.aot` sets "fused" when compiling for TPU from a CPU host.
+# How `dot_product_attention` runs. "auto": the query-chunked kernel when compiling for the CPU,
+# cuDNN flash attention on a GPU for bf16/fp16 without a mask (when a probe shows it compiles and
+# agrees with XLA there), XLA's fused attention otherwise. `cid_jax.aot` sets "fused" (XLA) when
+# compiling for TPU from a CPU host.
 ATTENTION_KERNEL = {"mode": "auto"}
+_KERNELS = ("auto", "fused", "chunked", "cudnn")
 _CPU_CHUNK = 128          # queries per block: a [B, H, 128, Lk] logits block stays cache-sized
 _CPU_CHUNK_MIN_SCORES = 1 << 20
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def set_attention_kernel(mode: str) -> None:
-    """'auto' (default), 'fused' (jax.nn.dot_product_attention) or 'chunked' (CPU-friendly)."""
-    if mode not in ("auto", "fused", "chunked"):
-        raise ValueError(f"attention kernel must be auto, fused or chunked, got {mode!r}")
+    """'auto' (default), 'fused' (XLA), 'chunked' (CPU-friendly) or 'cudnn' (GPU flash attention)."""
+    if mode not in _KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(_KERNELS)}, got {mode!r}")
     ATTENTION_KERNEL["mode"] = mode
+
+
+@contextlib.contextmanager
+def attention_kernel(mode: str) -> Iterator[None]:
+    """`set_attention_kernel(mode)` for the duration of a block (traces inside it), then the previous."""
+    previous = ATTENTION_KERNEL["mode"]
+    set_attention_kernel(mode)
+    try:
+        yield
+    finally:
+        ATTENTION_KERNEL["mode"] = previous
 
 
 def _chunked_attention(q, k, v, chunk: int) -> jax.Array:
@@ -98,12 +116,63 @@ def _chunked_attention(q, k, v, chunk: int) -> jax.Array:
     return jax.lax.map(block, blocks).swapaxes(0, 1).reshape(b, lq, h, d)
 
 
+# (lq, lk, heads, head_dim, dtype) -> whether cuDNN attention passed its probe there (reported by
+# the benchmarks, so a GPU run says which kernel it timed).
+CUDNN_PROBES: dict[tuple, bool] = {}
+
+
+def cudnn_attention_works(lq: int, lk: int, heads: int, head_dim: int, dtype_name: str) -> bool:
+    """Whether cuDNN flash attention compiles on this GPU for these sizes, forward and backward,
+    and matches XLA's attention (batch 1). Cached per shape; runs eagerly even while a caller is
+    being traced. A failure is logged once and the caller falls back to XLA."""
+    if jax.default_backend() != "gpu":
+        return False
+    key = (lq, lk, heads, head_dim, dtype_name)
+    if key not in CUDNN_PROBES:
+        CUDNN_PROBES[key] = _probe_cudnn_attention(*key)
+    return CUDNN_PROBES[key]
+
+
+def _probe_cudnn_attention(lq, lk, heads, head_dim, dtype_name) -> bool:
+    dtype = jnp.dtype(dtype_name)
+    try:
+        with jax.ensure_compile_time_eval():
+            keys = jax.random.split(jax.random.key(0), 3)
+            q, k, v = (jax.random.normal(kk, (1, n, heads, head_dim), dtype)
+                       for kk, n in zip(keys, (lq, lk, lk)))
+
+            def loss(impl, q, k, v):
+                out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+                return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+            grads = {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2),
+                                                      has_aux=True))(q, k, v) for impl in ("cudnn", "xla")}
+            (_, out_c), g_c = grads["cudnn"]
+            (_, out_x), g_x = grads["xla"]
+            # Relative error of each tensor as a whole: bf16 rounding differs between the kernels.
+            ok = all(float(jnp.linalg.norm((a - b).astype(jnp.float32)))
+                     <= 2e-2 * float(jnp.linalg.norm(b.astype(jnp.float32))) + 1e-6
+                     for a, b in zip((out_c, *g_c), (out_x, *g_x)))
+    except Exception as e:  # noqa: BLE001 - any compile/runtime refusal means "not here"
+        logging.warning("cuDNN attention unavailable for q %d, k %d, %d x %d %s (%s: %s); using XLA's",
+                        lq, lk, heads, head_dim, dtype_name, type(e).__name__, str(e).splitlines()[0][:200])
+        return False
+    if not ok:
+        logging.warning("cuDNN attention disagrees with XLA's for q %d, k %d, %d x %d %s; using XLA's",
+                        lq, lk, heads, head_dim, dtype_name)
+    return ok
+
+
 def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None) -> jax.Array:
     """Attention where no probabilities are needed: q/k/v [B, L, H, D] -> [B, Lq, H, D].
 
-    The fused kernel (cuDNN flash attention on GPU when available, XLA elsewhere), except on the
-    CPU for long unmasked sequences, where the query-chunked form is faster and leaner."""
+    The kernel follows ATTENTION_KERNEL (see above): chunked on the CPU for long unmasked
+    sequences, cuDNN flash attention on a GPU in bf16/fp16, XLA's attention otherwise."""
     mode = ATTENTION_KERNEL["mode"]
+    if mask is None and mode in ("auto", "cudnn") and q.dtype in _CUDNN_DTYPES:
+        if mode == "cudnn" or cudnn_attention_works(q.shape[1], k.shape[1], q.shape[2], q.shape[3],
+                                                    jnp.dtype(q.dtype).name):
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     long = q.shape[1] * k.shape[1] >= _CPU_CHUNK_MIN_SCORES and q.shape[1] % _CPU_CHUNK == 0
     if mask is None and long and (mode == "chunked" or (mode == "auto" and jax.default_backend() == "cpu")):
         return _chunked_attention(q, k, v, _CPU_CHUNK)

@@ -24,7 +24,7 @@ from cid_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWit
 from cid_jax.models.consistentid import ConsistentID, split_unet_params
 from cid_jax.models.facial_encoder import FacialEncoder
 from cid_jax.models.resampler import ProjPlus
-from cid_jax.models.attention import default_plan
+from cid_jax.models.attention import attention_kernel, default_plan
 from cid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from cid_jax.models.vae import AutoencoderKL, VAEConfig
 from cid_jax.weights.unet import unet_dummy_inputs
@@ -105,6 +105,11 @@ def _abstract_inputs(model: ConsistentID, batch: int = 1):
     return clip, tokens
 
 
+# Inits trace the forward pass only to learn parameter shapes (XLA drops it as dead code), so they
+# trace XLA's attention: no per-shape kernel choice (on a GPU, the cuDNN probes) is spent on them.
+_INIT_ATTENTION = "fused"
+
+
 def init_frozen_random(model: ConsistentID, key, unbox: bool = True) -> dict:
     """Random frozen weights (tiny demo/test models): the base UNet, VAE, text encoders, CLIP vision.
 
@@ -116,14 +121,14 @@ def init_frozen_random(model: ConsistentID, key, unbox: bool = True) -> dict:
     init = lambda m, k, *a, **kw: maybe_unbox(jax.jit(m.init, static_argnames="output_hidden_states")(  # noqa: E731
         k, *a, **kw)["params"])
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
-    frozen = {
-        "unet": init(base_unet, k_unet, **jax.tree.map(zeros, inputs)),
-        "vae": init(model.vae, k_vae, jnp.zeros(model.vae.dummy_inputs().shape)),
-        "vision": init(model.vision, k_vision, *model.vision.dummy_inputs(), output_hidden_states=False),
-        "text": [init(m, k, *m.dummy_inputs(), output_hidden_states=False)
-                 for m, k in zip(model.text_encoders, k_text)],
-    }
-    return frozen
+    with attention_kernel(_INIT_ATTENTION):
+        return {
+            "unet": init(base_unet, k_unet, **jax.tree.map(zeros, inputs)),
+            "vae": init(model.vae, k_vae, jnp.zeros(model.vae.dummy_inputs().shape)),
+            "vision": init(model.vision, k_vision, *model.vision.dummy_inputs(), output_hidden_states=False),
+            "text": [init(m, k, *m.dummy_inputs(), output_hidden_states=False)
+                     for m, k in zip(model.text_encoders, k_text)],
+        }
 
 
 def load_frozen_pretrained(model: ConsistentID, config) -> dict:
@@ -157,17 +162,18 @@ def init_trainable(model: ConsistentID, frozen: dict, key, unbox: bool = True) -
         variables = model.unet.init(k, **unet_inputs)
         return split_unet_params(maybe_unbox(variables["params"]))[1]
 
-    adapter_params = adapters.init_ip_from_base(frozen["unet"], init_adapters(k_unet))
     clip, tokens = _abstract_inputs(model)
     t = model.vision.config
     n_clip_tokens = (t.image_size // t.patch_size) ** 2 + 1
     clip_states = jnp.zeros((1, n_clip_tokens, t.hidden_size))
     parts = jnp.zeros((1, 5, n_clip_tokens, t.hidden_size))
     text = jnp.zeros(tokens.shape)
-    fe = jax.jit(model.facial_encoder.init)(k_fe, text, parts, jnp.zeros(text.shape[:2], bool),
-                                            jnp.zeros((1, 5), bool))
-    proj = jax.jit(model.image_proj.init, static_argnames="shortcut")(
-        k_proj, jnp.zeros((1, 512)), clip_states, shortcut=model.shortcut)
+    with attention_kernel(_INIT_ATTENTION):
+        adapter_params = adapters.init_ip_from_base(frozen["unet"], init_adapters(k_unet))
+        fe = jax.jit(model.facial_encoder.init)(k_fe, text, parts, jnp.zeros(text.shape[:2], bool),
+                                                jnp.zeros((1, 5), bool))
+        proj = jax.jit(model.image_proj.init, static_argnames="shortcut")(
+            k_proj, jnp.zeros((1, 512)), clip_states, shortcut=model.shortcut)
     return {"unet": adapter_params, "facial_encoder": maybe_unbox(fe["params"]),
             "image_proj": maybe_unbox(proj["params"])}
 
