@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# ConsistentID train step on one GPU (H100): SD1.5 architecture at 512 px, bf16 compute (fp32
-# params and AdamW state on both sides), per-chip batch 8 -- our jitted step
+# ConsistentID train step on one GPU (H100): SD1.5 architecture at 512 px, bf16 compute (bf16 frozen,
+# fp32 trainable params and AdamW state on both sides), per-chip batch 8 -- our jitted step
 # (cid_jax.trainer.jit_train_step on a 1-device mesh) and the PyTorch reference step (diffusers
 # UNet/VAE + transformers CLIP + the PyTorch ConsistentID adapters/FacialEncoder/ProjPlus of
 # tests/torch_reference, torch.autocast bf16, AdamW on the trainable params only) in the same run,

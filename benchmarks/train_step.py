@@ -255,7 +255,9 @@ def run_torch(args) -> dict:
                              num_tokens=4)
     for m in (unet, vae, text, vision):
         m.requires_grad_(False)
-    adapters = ref.set_consistentid_processors(unet, rank=sizes["lora_rank"], num_tokens=4)
+        if args.dtype == "bfloat16":  # frozen weights stored in the compute dtype, as the reference's
+            m.to(torch.bfloat16)      # train.py (weight_dtype) and cid_jax (model.frozen_dtype) do
+    adapters = ref.set_consistentid_processors(unet, rank=sizes["lora_rank"], num_tokens=4)  # fp32
     for m in (unet, vae, text, vision, facial, proj):
         m.to(dev)
     trainable = [p for m in (adapters, facial, proj) for p in m.parameters()]
@@ -412,7 +414,7 @@ def main():
                     help="untimed steps first (PyTorch's CPU kernels need ~2 to reach steady state)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="compute dtype (params stay fp32 on both sides; PyTorch uses autocast)")
+                    help="compute dtype (trainable params fp32, frozen ones stored in this dtype, on both sides; PyTorch uses autocast)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--remat", action="store_true", help="ours: rematerialise blocks in the backward pass")
     ap.add_argument("--no-facial", dest="facial", action="store_false",

@@ -197,7 +197,10 @@ def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
                            unbox(train_boxed))
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     state = jax.tree.map(with_sharding, state, placement.state)
-    frozen = jax.tree.map(with_sharding, unbox(frozen_boxed), placement.frozen)
+    # The frozen weights in their storage dtype (model.frozen_dtype), as trainer.run places them.
+    frozen_abs = jax.eval_shape(lambda t: build_lib.cast_floating(t, build_lib.frozen_dtype(config)),
+                                unbox(frozen_boxed))
+    frozen = jax.tree.map(with_sharding, frozen_abs, placement.frozen)
     batch = {k: with_sharding(v, placement.batch(v.ndim))
              for k, v in trainer.batch_spec(config, model, micro).items()}
     key_abs = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
@@ -228,6 +231,7 @@ class Report:
     variant: str
     resolution: int
     dtype: str
+    frozen_dtype: str           # storage dtype of the frozen base weights
     remat: bool
     global_batch: int
     micro_batch: int            # samples per jitted step over the pod (global_batch / grad_accum)
@@ -333,9 +337,11 @@ def _advise_report(r: "Report") -> list[str]:
 def compile_plan(plan: Plan, mfu: float = 0.4, top_k: int = 8) -> Report:
     """Lowers and compiles the trainer's jitted step for the plan; raises `DoesNotFit` on HBM OOM."""
     import jax
+    import jax.numpy as jnp
 
     from cid_jax import trainer
     from cid_jax.models import attention
+    from cid_jax.models import build as build_lib
 
     batch_ndims = {k: v.ndim for k, v in plan.batch.items()}
     step = trainer.jit_train_step(plan.model, plan.tx, plan.config, plan.placement, batch_ndims)
@@ -371,7 +377,8 @@ def compile_plan(plan: Plan, mfu: float = 0.4, top_k: int = 8) -> Report:
     report = Report(
         topology=plan.topology, chip=plan.chip.name, n_devices=n, mesh=dict(plan.mesh.shape),
         arch_source=plan.arch_source, variant=c.model.variant, resolution=int(c.data.resolution),
-        dtype=str(c.model.dtype), remat=bool(c.model.remat), global_batch=int(c.train.global_batch),
+        dtype=str(c.model.dtype), frozen_dtype=jnp.dtype(build_lib.frozen_dtype(c)).name,
+        remat=bool(c.model.remat), global_batch=int(c.train.global_batch),
         micro_batch=plan.micro_batch, per_chip_batch=plan.micro_batch // n,
         frozen_param_bytes=_tree_bytes(plan.frozen), trainable_param_bytes=_tree_bytes(plan.state.params),
         opt_state_bytes=_tree_bytes(plan.state.opt_state), batch_bytes=_tree_bytes(plan.batch),
@@ -434,7 +441,7 @@ def format_report(r: Report, command: str = "") -> str:
         f"architectures: {r.arch_source}; compiled in {r.compile_s:.0f} s",
         "",
         "per-chip HBM                               bytes",
-        f"  frozen params (fp32, sharded)      {_gib(r.frozen_param_bytes)}",
+        f"  frozen params ({r.frozen_dtype + ', sharded)':<19}{_gib(r.frozen_param_bytes)}",
         f"  trainable params                   {_gib(r.trainable_param_bytes)}",
         f"  optimizer state (AdamW mu, nu)     {_gib(r.opt_state_bytes)}",
         f"  batch                              {_gib(r.batch_bytes)}",

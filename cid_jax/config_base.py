@@ -13,7 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.base = ""                            # local diffusers SD folder (unet/ vae/ text_encoder/ ...)
     c.model.image_encoder = ""                   # local laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder
     c.model.tiny = None                          # dict of tiny random architectures (demo/tests only)
-    c.model.dtype = "bfloat16"                   # compute dtype; params and optimizer state stay fp32
+    c.model.dtype = "bfloat16"                   # compute dtype; trainable params and optimizer state stay fp32
+    c.model.frozen_dtype = ""                    # frozen base weights' storage dtype; "" = the compute dtype
     c.model.remat = False                        # rematerialise each block in the backward pass
     c.model.lora_rank = 128                      # LoRA rank on q/k/v/out of every attention
     c.model.num_id_tokens = 4                    # ID tokens from ProjPlus appended to the 77 text tokens

@@ -63,6 +63,7 @@ def validate(config) -> None:
     if problems:
         raise FileNotFoundError("base model weights not found:\n  " + "\n  ".join(problems)
                                 + "\nPoint the config at local copies (see README 'Weights').")
+    build_lib.frozen_dtype(config)  # raises on an unknown dtype name
     if config.model.facial_loss_mode not in ("cross", "self", "none"):
         raise ValueError("--config.model.facial_loss_mode must be 'cross' (paper), 'self' (reference "
                          "training code) or 'none'")

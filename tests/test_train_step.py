@@ -69,3 +69,24 @@ def test_sharded_step_equals_single_device_step():
     assert diffs.max() <= 2 * lr, diffs.max()
     assert np.mean(diffs > 0.2 * lr) < 1e-4, np.sort(diffs)[-10:]
     assert np.isfinite(m1["loss"]) and m1["facial_loss"] != 0.0
+
+
+def test_frozen_weights_stored_in_the_compute_dtype_change_nothing():
+    """bf16 compute: frozen weights stored bf16 (the default) give the fp32-stored step's results,
+    since every layer casts its weights to the compute dtype anyway; they take half the memory."""
+    config = tiny_config()
+    config.model.dtype = "bfloat16"
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    results = {}
+    for storage in ("float32", ""):
+        config.model.frozen_dtype = storage
+        model, frozen, trainable = build_lib.build(config, jax.random.key(0))
+        leaves = jax.tree.leaves(frozen)
+        assert {x.dtype for x in leaves} == {jnp.dtype(storage or "bfloat16")}
+        results[storage] = run_one_step(config, mesh, model, frozen, trainable, random_batch(config, model))
+    (p32, m32, _), (p16, m16, _) = results["float32"], results[""]
+    assert np.isfinite(m32["loss"]) and m16["loss"] == pytest.approx(m32["loss"], rel=1e-6, abs=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p16, p32)
+    config.model.frozen_dtype = "float8"
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        trainer.validate(config)
