@@ -4,7 +4,16 @@
 #   REQUIRED_PACKAGES="jax flax torch ..." ; source benchmarks/device_env.sh
 #
 # Missing wheels carried in .whl/ (see the scripts' headers) are installed into /tmp/site.
+# `--help` among the caller's arguments prints the caller's header and $BENCHMARK's flags, and exits.
 PY=${PYTHON:-python3}
+for a in "$@"; do
+  if [[ "$a" == "-h" || "$a" == "--help" ]]; then
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[1]}" | sed '$d; s/^# \{0,1\}//'
+    echo "$BENCHMARK flags (appended after the defaults, so they override them):"
+    "$PY" "$BENCHMARK" --help | sed -n '/^options:/,$p'
+    exit 0
+  fi
+done
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -66,7 +66,7 @@ class BuildReport:
         for split, n in self.num_examples.items():
             bad = self.bad_records.get(split, [])
             lines.append(f"  {split}: {n} examples written, {len(bad)} bad records skipped"
-                         + (f" (see {self.dataset_dir / f'bad_records-{split}.json'})" if bad else ""))
+                         + (f" (listed in {self.dataset_dir / f'bad_records-{split}'}*)" if bad else ""))
         return "\n".join(lines)
 
 
