@@ -5,6 +5,9 @@
         --guidance=5 --merge-step=30 --seed=2024 --num-images=4 --sampler=euler --out=out.png
         --parser-weights=face_parsing.pth --insightface-models=~/.insightface/models/buffalo_l]
 
+`--base` may be an SD1.5 or an SDXL diffusers folder (SDXL: it has text_encoder_2/); SDXL uses the
+reference SDXL pipeline's defaults (guidance 7.5, ProjPlus shortcut, 1024 px, its caption).
+
 `--checkpoint` is one of
   * a training workdir (`config.json` + orbax `checkpoints/`, or an exported `*.safetensors` /
     `params.msgpack` inside it); a workdir trained on the demo config's tiny models needs no
@@ -67,24 +70,40 @@ def workdir_config(workdir: pathlib.Path):
 
 
 def base_config(base: Optional[str], image_encoder: Optional[str]):
-    """A config for real weights: SD1.5 diffusers folder + CLIP-H folder."""
+    """A config for real weights: an SD1.5 or SDXL diffusers folder (SDXL: it has text_encoder_2/)
+    + a CLIP-H folder."""
     from cid_jax.config_base import base_config as defaults
 
     config = defaults()
     config.model.dtype = "float32"
     if not base:
-        raise UserError("--base (a diffusers Stable Diffusion 1.5 folder) is needed for this checkpoint",
+        raise UserError("--base (a diffusers Stable Diffusion 1.5 or SDXL folder) is needed for this checkpoint",
                         EXIT_MISSING)
     base_path = pathlib.Path(base).expanduser()
     if not base_path.is_dir():
-        raise UserError(f"base model folder {base_path} does not exist; expected a diffusers SD1.5 folder "
-                        "(unet/, vae/, text_encoder/, tokenizer/)", EXIT_MISSING)
+        raise UserError(f"base model folder {base_path} does not exist; expected a diffusers SD1.5 or SDXL "
+                        "folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/)", EXIT_MISSING)
+    if (base_path / "text_encoder_2").is_dir():  # the reference SDXL pipeline's settings
+        config.model.variant = "sdxl"
+        config.model.projplus_shortcut = True
     enc = pathlib.Path(image_encoder).expanduser() if image_encoder else base_path / "image_encoder"
     if not (enc / "config.json").exists():
         raise UserError(f"CLIP image encoder folder {enc} not found (config.json missing); pass "
                         "--image-encoder=<laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder>", EXIT_MISSING)
     config.model.base, config.model.image_encoder = str(base_path), str(enc)
     return config
+
+
+def is_sdxl(checkpoint: str, base: Optional[str]) -> bool:
+    """Whether `load(checkpoint, base)` will build SDXL: an SDXL `--base` (text_encoder_2/), else a
+    workdir trained with variant sdxl. Cheap (no weights read), so the photo is parsed first."""
+    if base:
+        return (pathlib.Path(base).expanduser() / "text_encoder_2").is_dir()
+    ckpt = pathlib.Path(checkpoint).expanduser()
+    try:
+        return ckpt.is_dir() and workdir_config(ckpt).model.get("variant") == "sdxl"
+    except UserError:
+        return False
 
 
 def inference_config(config, dtype: Optional[str] = None):
@@ -211,13 +230,14 @@ class FaceAnalyzer:
             log.warning("no --insightface-models: using a zero ID embedding (as the reference does "
                         "without a detected face); identity will come from the CLIP features only")
 
-    def label_map(self, image: np.ndarray) -> np.ndarray:
+    def label_map(self, image: np.ndarray, size: int = 512) -> np.ndarray:
+        """The parsing map at `size` x `size` (the references parse at 512 for SD1.5, 1280 for SDXL)."""
         from cid_jax.face import detect_largest_face, parse_face, template_parse
 
         if self.parser is None:
-            return template_parse(image, size=512)
+            return template_parse(image, size=size)
         detect_largest_face(image)  # refuse photos without a face before trusting the parser
-        return parse_face(image, *self.parser)
+        return parse_face(image, *self.parser, size=size)
 
     def id_embedding(self, image: np.ndarray) -> Optional[np.ndarray]:
         return None if self.embedder is None else self.embedder.embed(image)
@@ -252,17 +272,20 @@ def generate(loaded: Loaded, image: np.ndarray, label_map: np.ndarray, id_embedd
              sampler: str, height: int, width: int, caption: Optional[str] = None) -> np.ndarray:
     """uint8 images [len(prompts) * len(seeds), H, W, 3] (prompt-major)."""
     from cid_jax import pipeline as pl
-    from cid_jax.text import DEFAULT_CAPTION_SD15
 
     face = pl.face_batch(image, label_map, id_embedding)
     pairing = loaded.metadata.get("pairing", "reference")
-    texts = [pl.text_batch(p, negative_prompt, loaded.tokenizer, face.part_names,
-                           caption or DEFAULT_CAPTION_SD15, pairing) for p in prompts]
+    variant = "sdxl" if loaded.model.is_sdxl else "sd15"
+    texts = [pl.text_batch(p, negative_prompt, loaded.tokenizer, face.part_names, caption, pairing, variant)
+             for p in prompts]
     for t in texts:
         log.info("facial prompt: %s", t.prompt_face)
     texts = [t for t in texts for _ in seeds]
     inputs = pl.model_inputs([face] * len(texts), texts)
-    pl.check_token_ids(inputs, loaded.model.text_encoders[0].config.vocab_size)
+    for encoder in loaded.model.text_encoders:
+        pl.check_token_ids(inputs, encoder.config.vocab_size)
+    if loaded.model.is_sdxl:
+        inputs["time_ids"] = pl.sdxl_time_ids(len(texts), height, width)
     shape = pl.latent_shape(loaded.model, height, width)
     noise = pl.initial_noise(list(seeds) * len(prompts), shape)
     state = pl.scheduler_state(sampler, steps, loaded.noise_config)
@@ -279,19 +302,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cid_jax.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training workdir, exported .safetensors or reference .bin")
-    p.add_argument("--base", help="diffusers SD1.5 folder (not needed for a tiny demo workdir)")
+    p.add_argument("--base", help="diffusers SD1.5 or SDXL folder (not needed for a tiny demo workdir)")
     p.add_argument("--image-encoder", help="CLIP-ViT-H-14 folder (default: <base>/image_encoder)")
     p.add_argument("--image", required=True, help="reference photo with one face")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
     p.add_argument("--caption", default=None, help="face caption with the facial words (default: the reference's)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 5; SDXL 7.5, as the references)")
     p.add_argument("--merge-step", type=int, default=30, help="steps i <= merge-step use the text-only prompt")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--num-images", type=int, default=1, help="seeds seed, seed+1, ...")
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
-    p.add_argument("--height", type=int, default=None, help="default 512 (tiny demo: 64)")
+    p.add_argument("--height", type=int, default=None, help="default 512, SDXL 1024 (tiny demo: 64)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--out", default="consistentid.png", help="PNG path; several images also write <out>_<k>.png")
@@ -312,17 +335,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from cid_jax.face import NoFaceFoundError
 
         try:
-            label_map = analyzer.label_map(image)
+            label_map = analyzer.label_map(image, size=1280 if is_sdxl(args.checkpoint, args.base) else 512)
             id_embedding = analyzer.id_embedding(image)
         except NoFaceFoundError as e:
             raise UserError(f"{args.image}: {e}", EXIT_NO_FACE) from None
         log.info("loading %s", args.checkpoint)
         loaded = load(args.checkpoint, args.base, args.image_encoder, args.dtype)
-        default_size = 64 if loaded.model.vae.config.sample_size <= 256 and not args.base else 512
+        sdxl = loaded.model.is_sdxl
+        default_size = (64 if loaded.model.vae.config.sample_size <= 256 and not args.base
+                        else 1024 if sdxl else 512)
         height, width = args.height or default_size, args.width or default_size
+        guidance = args.guidance if args.guidance is not None else (7.5 if sdxl else 5.0)
         seeds = [args.seed + k for k in range(args.num_images)]
         images = generate(loaded, image, label_map, id_embedding, args.prompt, args.negative_prompt, seeds,
-                          steps=args.steps, guidance=args.guidance, merge_step=args.merge_step,
+                          steps=args.steps, guidance=guidance, merge_step=args.merge_step,
                           sampler=args.sampler, height=height, width=width, caption=args.caption)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""ConsistentID sampling (SD1.5), as pure functions: host-side inputs, the three embedding sets,
-the compiled denoising loop and VAE decoding.
+"""ConsistentID sampling (SD1.5 and SDXL), as pure functions: host-side inputs, the three embedding
+sets, the compiled denoising loop and VAE decoding.
 
 The reference pipeline (spec §6) in three stages:
 
@@ -15,6 +15,13 @@ The reference pipeline (spec §6) in three stages:
    context is `text` while i <= merge_step and `augmented` after (a traced select, so changing the
    merge step does not recompile), classifier-free guidance against `null`, and a diffusers-equal
    Euler or DDIM step (`cid_jax.schedulers`). `decode` maps latents to uint8 images.
+
+SDXL (spec §6, "SDXL differences"): the contexts are [77 + 4, 2048] (both text encoders' penultimate
+states), each set also carries encoder 2's pooled embedding, switched at the merge step like the
+context, and the UNet gets `time_ids` = (H, W, 0, 0, H, W) for both CFG halves. The text-only and
+negative sets encode the bare user prompt (no "; Detail:" caption). Encoder 2 reads the same ids
+re-padded with its pad id (the aligned form the reference trained with; its inference script
+BPE-splits `<|facial|>` for encoder 2, a bug not reproduced).
 """
 from __future__ import annotations
 
@@ -68,17 +75,24 @@ class TextBatch(NamedTuple):
 
 
 def text_batch(prompt: str, negative_prompt: str, tokenizer, part_names: Sequence[str],
-               caption: str = fp.DEFAULT_CAPTION_SD15, pairing: str = "reference",
+               caption: Optional[str] = None, pairing: str = "reference",
                variant: str = "sd15") -> TextBatch:
     """The reference's prompt composition and tokenization (spec §6 step 5, §8).
+
+    `caption` defaults to the variant's (DEFAULT_CAPTION_SD15 / _SDXL). The text-only branch encodes
+    the facial prompt without markers for SD1.5 and the bare `prompt` for SDXL, as the references do.
 
     `tokenizer` must have <|image|>/<|facial|> registered (`fp.add_trigger_tokens`). The parts whose
     word is missing from the caption are dropped; the kept parts are ordered by `pairing`
     ("reference": label order, the released weights' quirky ears<->eyes pairing; "by_name").
     """
+    if caption is None:
+        caption = fp.DEFAULT_CAPTION_SDXL if variant == "sdxl" else fp.DEFAULT_CAPTION_SD15
     reference_parts = [p for p in fp.REFERENCE_PARTS if p in part_names] or list(part_names)
     prompt_face, prompt_text_only = fp.compose_inference_prompt(prompt, caption, tokenizer, variant,
                                                                 part_names=reference_parts)
+    if variant == "sdxl":
+        prompt_text_only = prompt
     marked, kept = fp.process_text_with_markers(caption, reference_parts)
     tokens = fp.tokenize_facial_prompt(tokenizer, prompt_face)
     ordered = fp.pair_parts_to_words(kept, pairing, marked) if fp.FACIAL_TOKEN in prompt_face else []
@@ -106,6 +120,11 @@ def model_inputs(faces: Sequence[FaceBatch], texts: Sequence[TextBatch]) -> dict
     }
 
 
+def sdxl_time_ids(batch: int, height: int, width: int) -> np.ndarray:
+    """SDXL's added time ids [B, 6]: original size, crop top-left (0, 0), target size (= original)."""
+    return np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (batch, 1))
+
+
 def check_token_ids(inputs: Mapping[str, np.ndarray], vocab_size: int) -> None:
     """The text encoder's table must hold every id (a tiny encoder with a small vocabulary would
     otherwise silently read out of range under jit)."""
@@ -122,25 +141,37 @@ class EmbeddingSets(NamedTuple):
     null: jax.Array       # [B, 81, E]
     text: jax.Array       # [B, 81, E]
     augmented: jax.Array  # [B, 81, E]
+    # SDXL only (None for SD1.5): text encoder 2's pooled embedding of each set [B, P], and time ids.
+    null_pooled: Optional[jax.Array] = None
+    text_pooled: Optional[jax.Array] = None
+    augmented_pooled: Optional[jax.Array] = None
+    time_ids: Optional[jax.Array] = None  # [B, 6]
 
 
 def embedding_sets(model: ConsistentID, frozen, trainable, inputs: Mapping[str, jax.Array]) -> EmbeddingSets:
-    """The reference's three contexts (spec §6 steps 6-11) via `ConsistentID.conditioning`."""
-    if model.is_sdxl:
-        raise NotImplementedError("SDXL generation (pooled embeds, time ids) is not implemented yet")
+    """The reference's three contexts (spec §6 steps 6-11) via `ConsistentID.conditioning`; for SDXL
+    also their pooled embeddings, and `inputs["time_ids"]` (`sdxl_time_ids`) is required."""
     common = {k: inputs[k] for k in ("facial_token_mask", "facial_token_idx_mask")}
+    if model.is_sdxl:
+        if "time_ids" not in inputs:
+            raise ValueError("SDXL generation needs inputs['time_ids'] (pipeline.sdxl_time_ids)")
+        common["time_ids"] = inputs["time_ids"]
     real = dict(common, clip_image=inputs["clip_image"], part_clip_images=inputs["part_clip_images"],
                 id_embedding=inputs["id_embedding"])
-    augmented, _ = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["input_ids"]))
-    text, _ = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["text_only_ids"]), fuse=False)
+    augmented, augmented_added = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["input_ids"]))
+    text, text_added = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["text_only_ids"]),
+                                          fuse=False)
     # Unconditional: a zero *normalised* CLIP tensor (not a black image), a zero ID embedding, zero
     # part tensors, and the positive prompt's facial positions on the negative prompt (spec §9.6).
     null_inputs = dict(common, input_ids=inputs["negative_ids"],
                        clip_image=jnp.zeros_like(inputs["clip_image"]),
                        part_clip_images=jnp.zeros_like(inputs["part_clip_images"]),
                        id_embedding=jnp.zeros_like(inputs["id_embedding"]))
-    null, _ = model.conditioning(frozen, trainable, null_inputs)
-    return EmbeddingSets(null, text, augmented)
+    null, null_added = model.conditioning(frozen, trainable, null_inputs)
+    if not model.is_sdxl:
+        return EmbeddingSets(null, text, augmented)
+    return EmbeddingSets(null, text, augmented, null_added["text_embeds"], text_added["text_embeds"],
+                         augmented_added["text_embeds"], inputs["time_ids"])
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -164,9 +195,14 @@ def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: j
     def step(x, i):
         cond = conditional_context(i, merge_step, sets.text, sets.augmented)
         context = jnp.concatenate([sets.null, cond], axis=0)
+        added = None
+        if sets.null_pooled is not None:  # SDXL: the pooled embedding switches with the context
+            pooled = conditional_context(i, merge_step, sets.text_pooled, sets.augmented_pooled)
+            added = dict(text_embeds=jnp.concatenate([sets.null_pooled, pooled], axis=0),
+                         time_ids=jnp.concatenate([sets.time_ids, sets.time_ids], axis=0))
         x_in = state.scale_model_input(x, i)
         eps, _ = model.predict_noise(frozen, trainable, jnp.concatenate([x_in, x_in], axis=0),
-                                     state.timesteps[i], context, capture=False)
+                                     state.timesteps[i], context, added, capture=False)
         eps = eps.astype(jnp.float32)
         eps_uncond, eps_cond = eps[:batch], eps[batch:]
         guided = eps_uncond + guidance * (eps_cond - eps_uncond)

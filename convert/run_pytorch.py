@@ -5,13 +5,19 @@ e.g. on CUDA, without running the networks in JAX:
     python convert/run_pytorch.py --checkpoint=ConsistentID-v1.bin --base=SD15_DIR \
         --image-encoder=CLIP_H_DIR --image=face.jpg --prompt="a portrait" --device=cuda --dtype=fp16
 
-The steps are the reference SD1.5 pipeline's (spec §6) and those of `cid_jax.pipeline`: the same
+The steps are the reference pipelines' (spec §6, SD1.5 and SDXL) and those of `cid_jax.pipeline`: the same
 host preprocessing (imported from cid_jax: parsing or the offline template, masks, part images,
 CLIP preprocessing, facial prompt and token masks), then in PyTorch the three embedding sets
 (null / text-only / facial-fused, each with the 4 ID tokens), CFG with `i <= merge_step` using the
 text-only set, diffusers' Euler or DDIM scheduler and the VAE decode. The ConsistentID modules are
 rebuilt here from the checkpoint's shapes (FacialEncoder Perceiver, ProjPlus, LoRA + IP attention
 processors) and loaded with strict `load_state_dict`.
+
+SDXL (`--base` holds text_encoder_2/): both encoders' penultimate states form the 2048-wide
+context, encoder 2's projected pooled output and the time ids (H, W, 0, 0, H, W) go to the UNet's
+`added_cond_kwargs`, switched at the merge step with the context; ProjPlus uses its shortcut;
+encoder 2 reads the same ids re-padded with its pad id 0 after the first EOS (what SDXL's
+tokenizer_2 produces for the same text: one BPE vocabulary, '!' as padding).
 """
 from __future__ import annotations
 
@@ -236,6 +242,17 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     return groups, meta
 
 
+SDXL_PAD_ID_2 = 0  # SDXL's tokenizer_2 pads with '!'
+
+
+def ids_for_tokenizer_2(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Token ids of tokenizer 1 -> those SDXL's tokenizer_2 gives: every position after the first EOS
+    holds the pad id 0 instead of EOS."""
+    is_eos = ids == eos_id
+    after_first_eos = (is_eos.cumsum(1) > 0) & ~(is_eos & (is_eos.cumsum(1) == 1))
+    return torch.where(after_first_eos, torch.full_like(ids, SDXL_PAD_ID_2), ids)
+
+
 class ConsistentIDTorch:
     def __init__(self, checkpoint, base, image_encoder, device="cpu", dtype=torch.float32, sampler="euler",
                  facial_encoder_heads=None):
@@ -245,10 +262,13 @@ class ConsistentIDTorch:
         base = pathlib.Path(base)
         groups, self.metadata = read_checkpoint(checkpoint)
         load = dict(torch_dtype=dtype)
+        self.sdxl = (base / "text_encoder_2").is_dir()
         self.unet = diffusers.UNet2DConditionModel.from_pretrained(base / "unet", **load)
         install_processors(self.unet, groups["adapter_modules"])
         self.vae = diffusers.AutoencoderKL.from_pretrained(base / "vae", **load)
         self.text = transformers.CLIPTextModel.from_pretrained(base / "text_encoder", **load)
+        self.text2 = (transformers.CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2", **load)
+                      if self.sdxl else None)
         self.vision = transformers.CLIPVisionModelWithProjection.from_pretrained(image_encoder, **load)
         self.fe = FacialEncoder(groups["FacialEncoder"], facial_encoder_heads)
         self.proj = ProjPlus(groups["image_proj"])
@@ -261,8 +281,9 @@ class ConsistentIDTorch:
 
             self.scheduler = cls.from_config(SD15_SCHEDULER_CONFIG)
         self.device, self.dtype = device, dtype
-        for m in (self.unet, self.vae, self.text, self.vision, self.fe, self.proj):
-            m.to(device=device, dtype=dtype).eval()
+        for m in (self.unet, self.vae, self.text, self.text2, self.vision, self.fe, self.proj):
+            if m is not None:
+                m.to(device=device, dtype=dtype).eval()
 
     def _t(self, x, dtype=None):
         return torch.as_tensor(np.asarray(x)).to(self.device, dtype or self.dtype)
@@ -273,32 +294,58 @@ class ConsistentIDTorch:
         h = self.vision(pixel_values=x, output_hidden_states=True).hidden_states[-2]
         return h.reshape(*lead, *h.shape[1:])
 
+    def _encode(self, ids):
+        """Token ids -> (prompt embeddings, pooled embedding or None): SD1.5 the last hidden state;
+        SDXL both encoders' penultimate states concatenated, and encoder 2's projected pooled output."""
+        if not self.sdxl:
+            return self.text(ids)[0], None
+        h1 = self.text(ids, output_hidden_states=True).hidden_states[-2]
+        out2 = self.text2(ids_for_tokenizer_2(ids, self.text2.config.eos_token_id), output_hidden_states=True)
+        return torch.cat([h1, out2.hidden_states[-2]], -1), out2.text_embeds
+
     @torch.no_grad()
     def __call__(self, inputs: dict, noise_nhwc, steps=50, merge_step=30, guidance=5.0) -> np.ndarray:
-        """Host inputs (cid_jax.pipeline.model_inputs) + initial noise -> images [B,H,W,3] in [0,1]."""
+        """Host inputs (cid_jax.pipeline.model_inputs; SDXL also `time_ids`) + initial noise ->
+        images [B,H,W,3] in [0,1]."""
         ids = lambda k: self._t(inputs[k], torch.long)  # noqa: E731
         tok_mask, valid = ids("facial_token_mask").bool(), ids("facial_token_idx_mask").bool()
         emb = self._t(inputs["id_embedding"])
-        id_tokens = self.proj(emb, self._clip(inputs["clip_image"]))
-        null_tokens = self.proj(torch.zeros_like(emb), self._clip(np.zeros_like(inputs["clip_image"])))
-        facial = self.fe(self.text(ids("input_ids"))[0], self._clip(inputs["part_clip_images"]), tok_mask, valid)
-        negative = self.text(ids("negative_ids"))[0]
+        proj = lambda e, clip: self.proj(e, clip, shortcut=self.sdxl)  # noqa: E731  (SDXL: shortcut, scale 1)
+        id_tokens = proj(emb, self._clip(inputs["clip_image"]))
+        null_tokens = proj(torch.zeros_like(emb), self._clip(np.zeros_like(inputs["clip_image"])))
+        facial_text, facial_pooled = self._encode(ids("input_ids"))
+        facial = self.fe(facial_text, self._clip(inputs["part_clip_images"]), tok_mask, valid)
+        negative, null_pooled = self._encode(ids("negative_ids"))
         null_facial = self.fe(negative, self._clip(np.zeros_like(inputs["part_clip_images"])), tok_mask, valid)
+        text_only, text_pooled = self._encode(ids("text_only_ids"))
         null = torch.cat([null_facial, null_tokens], 1)
         augmented = torch.cat([facial, id_tokens], 1)
-        text = torch.cat([self.text(ids("text_only_ids"))[0], id_tokens], 1)
+        text = torch.cat([text_only, id_tokens], 1)
+        if self.sdxl:
+            if "time_ids" not in inputs:
+                raise ValueError("SDXL needs inputs['time_ids'] (cid_jax.pipeline.sdxl_time_ids)")
+            time_ids = self._t(inputs["time_ids"]).repeat(2, 1)
 
         self.scheduler.set_timesteps(steps, device=self.device)
         x = self._t(np.moveaxis(np.asarray(noise_nhwc), -1, 1), torch.float32) * self.scheduler.init_noise_sigma
         for i, t in enumerate(self.scheduler.timesteps):
             cond = text if i <= merge_step else augmented
+            added = None
+            if self.sdxl:
+                pooled = text_pooled if i <= merge_step else facial_pooled
+                added = dict(text_embeds=torch.cat([null_pooled, pooled]), time_ids=time_ids)
             x_in = self.scheduler.scale_model_input(torch.cat([x, x]), t).to(self.dtype)
-            eps = self.unet(x_in, t, encoder_hidden_states=torch.cat([null, cond])).sample.float()
+            eps = self.unet(x_in, t, encoder_hidden_states=torch.cat([null, cond]),
+                            added_cond_kwargs=added).sample.float()
             eu, ec = eps.chunk(2)
             x = self.scheduler.step(eu + guidance * (ec - eu), t, x).prev_sample
             print(f"\rstep {i + 1}/{steps}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
-        image = self.vae.decode((x / self.vae.config.scaling_factor).to(self.dtype)).sample.float()
+        vae = self.vae
+        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae = vae.float()  # SDXL's VAE overflows in fp16
+        z = (x / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+        image = vae.decode(z).sample.float()
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -306,22 +353,22 @@ def main(argv=None) -> int:
     from cid_jax import generate as gen
     from cid_jax import pipeline as pl
     from cid_jax.face import NoFaceFoundError
-    from cid_jax.text import DEFAULT_CAPTION_SD15, CLIPTokenizer, add_trigger_tokens
+    from cid_jax.text import CLIPTokenizer, add_trigger_tokens
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--base", required=True, help="diffusers SD1.5 folder")
+    p.add_argument("--base", required=True, help="diffusers SD1.5 or SDXL folder")
     p.add_argument("--image-encoder", help="CLIP-ViT-H-14 folder (default <base>/image_encoder)")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=None, help="default 5; SDXL 7.5 (the references')")
     p.add_argument("--merge-step", type=int, default=30)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="default 512; SDXL 1024")
+    p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--facial-encoder-heads", type=int, default=None, help="default: width // 64 (the reference)")
@@ -333,14 +380,15 @@ def main(argv=None) -> int:
         image = gen.read_image(args.image)
         analyzer = gen.FaceAnalyzer(args.parser_weights, args.insightface_models)
         try:
-            face = pl.face_batch(image, analyzer.label_map(image), analyzer.id_embedding(image))
+            size = 1280 if gen.is_sdxl(args.checkpoint, args.base) else 512  # the references' parse sizes
+            face = pl.face_batch(image, analyzer.label_map(image, size), analyzer.id_embedding(image))
         except NoFaceFoundError as e:
             raise gen.UserError(f"{args.image}: {e}", gen.EXIT_NO_FACE) from None
         base = pathlib.Path(args.base)
         for sub in ("unet", "vae", "text_encoder"):
             if not (base / sub / "config.json").exists():
-                raise gen.UserError(f"{base / sub}/config.json not found (--base must be a diffusers SD1.5 folder)",
-                                    gen.EXIT_MISSING)
+                raise gen.UserError(f"{base / sub}/config.json not found (--base must be a diffusers SD1.5 "
+                                    "or SDXL folder)", gen.EXIT_MISSING)
         enc = pathlib.Path(args.image_encoder or base / "image_encoder")
         if not (enc / "config.json").exists():
             raise gen.UserError(f"CLIP image encoder {enc}/config.json not found", gen.EXIT_MISSING)
@@ -352,12 +400,16 @@ def main(argv=None) -> int:
     tok_dir = base / "tokenizer"
     tok = CLIPTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.default()
     add_trigger_tokens(tok)
-    text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, DEFAULT_CAPTION_SD15,
-                         model.metadata.get("pairing", "reference"))
+    text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, None,
+                         model.metadata.get("pairing", "reference"), "sdxl" if model.sdxl else "sd15")
     inputs = pl.model_inputs([face], [text])
+    height, width = (args.height or (1024 if model.sdxl else 512)), (args.width or (1024 if model.sdxl else 512))
+    if model.sdxl:
+        inputs["time_ids"] = pl.sdxl_time_ids(1, height, width)
+    guidance = args.guidance if args.guidance is not None else (7.5 if model.sdxl else 5.0)
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    noise = pl.initial_noise([args.seed], (args.height // f, args.width // f, model.unet.config.in_channels))
-    images = model(inputs, noise, args.steps, args.merge_step, args.guidance)
+    noise = pl.initial_noise([args.seed], (height // f, width // f, model.unet.config.in_channels))
+    images = model(inputs, noise, args.steps, args.merge_step, guidance)
     from PIL import Image
 
     Image.fromarray(pl.to_uint8(images)[0]).save(args.out)
