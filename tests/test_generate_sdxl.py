@@ -17,18 +17,15 @@ from cid_jax import export  # noqa: E402
 from cid_jax import generate as gen  # noqa: E402
 from cid_jax import pipeline as pl  # noqa: E402
 from tests.test_generate import abstract_trainable, random_params, tiny_config  # noqa: E402
+from tests.test_unet import TINY_SDXL  # noqa: E402
 
 STEPS = 4
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=77, eos_token_id=49407)
-UNET = dict(  # SDXL's block pattern and added conditioning at toy width; context 32 + 32
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2), cross_attention_dim=64,
-    norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+# test_unet's SDXL-shaped UNet with a context of 32 + 32 (the two tiny text encoders) and an added
+# embedding of encoder 2's 32-wide pooled output + 6 time ids x 8.
+UNET = dict(TINY_SDXL, cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8)
 
 
 def _perturbed(module, seed, scale=0.02):
