@@ -156,16 +156,14 @@ class Plan:
 
 
 def check_batch(config, n_devices: int) -> int:
-    """The global batch of one jitted step (global_batch / grad_accum), checked against the pod."""
-    accum = max(1, int(config.optim.grad_accum))
-    gb = int(config.train.global_batch)
-    if gb % accum or (gb // accum) % n_devices:
-        per = n_devices * accum
-        raise SetupError(
-            f"--config.train.global_batch={gb} with grad_accum={accum} does not give every one of the "
-            f"{n_devices} chips a whole sample per step: use a multiple of {per}, e.g. "
-            f"--config.train.global_batch={per} (1 sample per chip per step)")
-    return gb // accum
+    """The global batch of one jitted step (global_batch / grad_accum), checked against the pod
+    (`trainer.step_batch`, the check training runs)."""
+    from cid_jax import trainer
+
+    try:
+        return trainer.step_batch(config, n_devices)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
 
 
 def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
@@ -180,12 +178,8 @@ def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
     devices = list(devices) if devices is not None else topology_devices(topology)
     config, source = architecture_config(config)
     n = len(devices)
-    micro = check_batch(config, n)
-    fsdp = int(config.mesh.fsdp)
-    if n % fsdp or (config.mesh.data != -1 and config.mesh.data * fsdp != n):
-        raise SetupError(f"mesh data={config.mesh.data} x fsdp={fsdp} does not fit the {n} chips of "
-                         f"{topology}: keep --config.mesh.data=-1 and pick an fsdp that divides {n}")
-    mesh = sharding.make_mesh(config.mesh.data, fsdp, devices=devices)
+    micro = check_batch(config, n)  # the mesh too
+    mesh = sharding.make_mesh(config.mesh.data, int(config.mesh.fsdp), devices=devices)
 
     model = build_lib.build_modules(config)
     tx = trainer.make_optimizer(config)

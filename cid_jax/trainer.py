@@ -42,28 +42,30 @@ class TrainState:
 # ------------------------------------------------------------------------------------- config
 
 
+def step_batch(config, n_devices: int) -> int:
+    """Samples per jitted step (global_batch / grad_accum), checked to give each of `n_devices` a
+    whole share and the mesh to fit them; ValueError with the fix otherwise."""
+    accum = max(1, int(config.optim.grad_accum))
+    gb, fsdp, data = int(config.train.global_batch), int(config.mesh.fsdp), int(config.mesh.data)
+    if n_devices % fsdp or (data != -1 and data * fsdp != n_devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not fit the {n_devices} devices: keep "
+                         f"--config.mesh.data=-1 and pick an --config.mesh.fsdp that divides {n_devices}")
+    if gb % accum or (gb // accum) % n_devices:
+        per = n_devices * accum
+        raise ValueError(f"--config.train.global_batch={gb} with grad_accum={accum} does not give every one "
+                         f"of the {n_devices} devices a whole sample per step: use a multiple of {per}, e.g. "
+                         f"--config.train.global_batch={per} (1 sample per device per step)")
+    return gb // accum
+
+
 def validate(config) -> None:
     """Fails before any compile, with the fix in the message, when the config cannot run."""
-    n_dev = jax.device_count()
-    mesh_size = (n_dev // config.mesh.fsdp) if config.mesh.data == -1 else config.mesh.data
-    if config.mesh.data != -1 and config.mesh.data * config.mesh.fsdp != n_dev:
-        raise ValueError(f"mesh data={config.mesh.data} x fsdp={config.mesh.fsdp} does not match the "
-                         f"{n_dev} devices: set --config.mesh.data=-1 to use them all")
-    if n_dev % config.mesh.fsdp:
-        raise ValueError(f"--config.mesh.fsdp={config.mesh.fsdp} does not divide {n_dev} devices")
-    del mesh_size
-    if config.train.global_batch % n_dev:
-        raise ValueError(f"--config.train.global_batch={config.train.global_batch} is not divisible by "
-                         f"the {n_dev} devices; use a multiple of {n_dev}")
-    micro = config.train.global_batch // max(1, config.optim.grad_accum)
-    if config.train.global_batch % max(1, config.optim.grad_accum) or micro % n_dev:
-        raise ValueError(f"global_batch {config.train.global_batch} / grad_accum {config.optim.grad_accum} "
-                         f"must be a whole multiple of the {n_dev} devices")
+    step_batch(config, jax.device_count())
+    build_lib.frozen_dtype(config)  # raises on an unknown dtype name
     problems = build_lib.missing_weight_folders(config)
     if problems:
         raise FileNotFoundError("base model weights not found:\n  " + "\n  ".join(problems)
                                 + "\nPoint the config at local copies (see README 'Weights').")
-    build_lib.frozen_dtype(config)  # raises on an unknown dtype name
     if config.model.facial_loss_mode not in ("cross", "self", "none"):
         raise ValueError("--config.model.facial_loss_mode must be 'cross' (paper), 'self' (reference "
                          "training code) or 'none'")

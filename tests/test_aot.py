@@ -124,6 +124,13 @@ def test_batch_must_cover_the_pod():
         aot.check_batch(config, 16)
     config.train.global_batch = 64
     assert aot.check_batch(config, 16) == 32
+    config.mesh.fsdp = 3                     # the same check training runs (trainer.step_batch)
+    with pytest.raises(aot.SetupError, match="fsdp=3 does not fit the 16 devices"):
+        aot.check_batch(config, 16)
+    from cid_jax import trainer
+
+    with pytest.raises(ValueError, match="fsdp"):
+        trainer.validate(config)             # 8 simulated devices
 
 
 def test_advice_names_the_knobs():
