@@ -131,7 +131,6 @@ def run_jax(args) -> dict:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, REPO)
     import jax
-    import jax.numpy as jnp
     import ml_collections
 
     from cid_jax import sharding, trainer
@@ -166,9 +165,7 @@ def run_jax(args) -> dict:
     tx = trainer.make_optimizer(c)
     key = jax.random.key(c.seed)
     placement = trainer.make_placement(model, tx, mesh, key)
-    state = jax.jit(lambda p: trainer.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                    out_shardings=placement.state)(trainable)
-    frozen = jax.device_put(frozen, placement.frozen)
+    state, frozen = trainer.place(trainable, frozen, tx, placement)
     del trainable
     gb = trainer.global_batch(batch, placement)
     step = trainer.jit_train_step(model, tx, c, placement, {k: v.ndim for k, v in gb.items()})

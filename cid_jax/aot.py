@@ -170,7 +170,6 @@ def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
     """Abstract, sharded arguments of the training step on `topology` (no allocation)."""
     import flax
     import jax
-    import jax.numpy as jnp
 
     from cid_jax import sharding, trainer
     from cid_jax.models import build as build_lib
@@ -187,8 +186,7 @@ def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
     placement = trainer.make_placement(model, tx, mesh, key)
     frozen_boxed, train_boxed = trainer.abstract_trees(model, tx, key)
     unbox = flax.linen.meta.unbox
-    state = jax.eval_shape(lambda p: trainer.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                           unbox(train_boxed))
+    state = jax.eval_shape(lambda p: trainer.new_state(p, tx), unbox(train_boxed))
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     state = jax.tree.map(with_sharding, state, placement.state)
     # The frozen weights in their storage dtype (model.frozen_dtype), as trainer.run places them.

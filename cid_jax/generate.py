@@ -72,6 +72,7 @@ def workdir_config(workdir: pathlib.Path):
 def base_config(base: Optional[str], image_encoder: Optional[str]):
     """A config for real weights: an SD1.5 or SDXL diffusers folder (SDXL: it has text_encoder_2/)
     + a CLIP-H folder."""
+    from cid_jax import pipeline as pl
     from cid_jax.config_base import base_config as defaults
 
     config = defaults()
@@ -83,7 +84,7 @@ def base_config(base: Optional[str], image_encoder: Optional[str]):
     if not base_path.is_dir():
         raise UserError(f"base model folder {base_path} does not exist; expected a diffusers SD1.5 or SDXL "
                         "folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/)", EXIT_MISSING)
-    if (base_path / "text_encoder_2").is_dir():  # the reference SDXL pipeline's settings
+    if pl.is_sdxl_base(base_path):  # the reference SDXL pipeline's settings
         config.model.variant = "sdxl"
         config.model.projplus_shortcut = True
     enc = pathlib.Path(image_encoder).expanduser() if image_encoder else base_path / "image_encoder"
@@ -97,8 +98,10 @@ def base_config(base: Optional[str], image_encoder: Optional[str]):
 def is_sdxl(checkpoint: str, base: Optional[str]) -> bool:
     """Whether `load(checkpoint, base)` will build SDXL: an SDXL `--base` (text_encoder_2/), else a
     workdir trained with variant sdxl. Cheap (no weights read), so the photo is parsed first."""
+    from cid_jax import pipeline as pl
+
     if base:
-        return (pathlib.Path(base).expanduser() / "text_encoder_2").is_dir()
+        return pl.is_sdxl_base(base)
     ckpt = pathlib.Path(checkpoint).expanduser()
     try:
         return ckpt.is_dir() and workdir_config(ckpt).model.get("variant") == "sdxl"
@@ -329,23 +332,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     quiet_library_logs()
     args = parse_args(argv)
+    from cid_jax import pipeline as pl
+
     try:
         image = read_image(args.image)
         analyzer = FaceAnalyzer(args.parser_weights, args.insightface_models)
         from cid_jax.face import NoFaceFoundError
 
         try:
-            label_map = analyzer.label_map(image, size=1280 if is_sdxl(args.checkpoint, args.base) else 512)
+            variant = "sdxl" if is_sdxl(args.checkpoint, args.base) else "sd15"
+            label_map = analyzer.label_map(image, size=pl.VARIANT_DEFAULTS[variant].parse_size)
             id_embedding = analyzer.id_embedding(image)
         except NoFaceFoundError as e:
             raise UserError(f"{args.image}: {e}", EXIT_NO_FACE) from None
         log.info("loading %s", args.checkpoint)
         loaded = load(args.checkpoint, args.base, args.image_encoder, args.dtype)
-        sdxl = loaded.model.is_sdxl
-        default_size = (64 if loaded.model.vae.config.sample_size <= 256 and not args.base
-                        else 1024 if sdxl else 512)
+        defaults = pl.VARIANT_DEFAULTS["sdxl" if loaded.model.is_sdxl else "sd15"]
+        default_size = 64 if loaded.model.vae.config.sample_size <= 256 and not args.base else defaults.size
         height, width = args.height or default_size, args.width or default_size
-        guidance = args.guidance if args.guidance is not None else (7.5 if sdxl else 5.0)
+        guidance = args.guidance if args.guidance is not None else defaults.guidance
         seeds = [args.seed + k for k in range(args.num_images)]
         images = generate(loaded, image, label_map, id_embedding, args.prompt, args.negative_prompt, seeds,
                           steps=args.steps, guidance=guidance, merge_step=args.merge_step,

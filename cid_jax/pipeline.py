@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
@@ -42,6 +43,22 @@ from cid_jax.text import facial_prompts as fp
 DEFAULT_STEPS = 50
 DEFAULT_MERGE_STEP = 30
 DEFAULT_GUIDANCE = 5.0
+
+
+class VariantDefaults(NamedTuple):
+    """What the reference pipelines use per base model when the user does not say."""
+    guidance: float
+    size: int        # image height and width
+    parse_size: int  # the face parser's input side
+
+
+VARIANT_DEFAULTS = {"sd15": VariantDefaults(DEFAULT_GUIDANCE, 512, 512),
+                    "sdxl": VariantDefaults(7.5, 1024, 1280)}
+
+
+def is_sdxl_base(base) -> bool:
+    """A diffusers folder is SDXL when it has a second text encoder."""
+    return (pathlib.Path(base).expanduser() / "text_encoder_2").is_dir()
 DEFAULT_SAMPLER = "euler"  # the reference's; the paper reports DDIM
 
 

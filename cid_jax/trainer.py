@@ -12,7 +12,6 @@ deterministic in (seed, step)); a restart resumes from the latest checkpoint, SI
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import signal
 import time
@@ -21,7 +20,6 @@ from typing import Any, Callable, Iterator, Mapping
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -171,6 +169,17 @@ def abstract_trees(model: ConsistentID, tx, key):
         lambda k: build_lib.init_trainable(model, flax.linen.meta.unbox(
             build_lib.init_frozen_random(model, k)), k, unbox=False), key)
     return frozen, trainable
+
+
+def new_state(params, tx) -> TrainState:
+    """Step 0 with fresh optimizer state (pure: jit it with shardings, or eval_shape it)."""
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def place(trainable, frozen, tx, placement: Placement) -> tuple[TrainState, Any]:
+    """The initial train state, created sharded on device, and the frozen weights placed."""
+    state = jax.jit(lambda p: new_state(p, tx), out_shardings=placement.state)(trainable)
+    return state, jax.device_put(frozen, placement.frozen)
 
 
 def make_placement(model: ConsistentID, tx, mesh: Mesh, key) -> Placement:
@@ -345,9 +354,7 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     logging.info("building models (%s)", "tiny random" if config.model.get("tiny") else config.model.base)
     model, frozen, trainable = build_lib.build(config, k_model)
     placement = make_placement(model, tx, mesh, k_model)
-    frozen = jax.device_put(frozen, placement.frozen)
-    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                    out_shardings=placement.state)(trainable)
+    state, frozen = place(trainable, frozen, tx, placement)
     del trainable
 
     manager = checkpoint_manager(workdir, config)

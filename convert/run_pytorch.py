@@ -262,7 +262,9 @@ class ConsistentIDTorch:
         base = pathlib.Path(base)
         groups, self.metadata = read_checkpoint(checkpoint)
         load = dict(torch_dtype=dtype)
-        self.sdxl = (base / "text_encoder_2").is_dir()
+        from cid_jax.pipeline import is_sdxl_base
+
+        self.sdxl = is_sdxl_base(base)
         self.unet = diffusers.UNet2DConditionModel.from_pretrained(base / "unet", **load)
         install_processors(self.unet, groups["adapter_modules"])
         self.vae = diffusers.AutoencoderKL.from_pretrained(base / "vae", **load)
@@ -380,8 +382,8 @@ def main(argv=None) -> int:
         image = gen.read_image(args.image)
         analyzer = gen.FaceAnalyzer(args.parser_weights, args.insightface_models)
         try:
-            size = 1280 if gen.is_sdxl(args.checkpoint, args.base) else 512  # the references' parse sizes
-            face = pl.face_batch(image, analyzer.label_map(image, size), analyzer.id_embedding(image))
+            defaults = pl.VARIANT_DEFAULTS["sdxl" if pl.is_sdxl_base(args.base) else "sd15"]
+            face = pl.face_batch(image, analyzer.label_map(image, defaults.parse_size), analyzer.id_embedding(image))
         except NoFaceFoundError as e:
             raise gen.UserError(f"{args.image}: {e}", gen.EXIT_NO_FACE) from None
         base = pathlib.Path(args.base)
@@ -403,10 +405,10 @@ def main(argv=None) -> int:
     text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, None,
                          model.metadata.get("pairing", "reference"), "sdxl" if model.sdxl else "sd15")
     inputs = pl.model_inputs([face], [text])
-    height, width = (args.height or (1024 if model.sdxl else 512)), (args.width or (1024 if model.sdxl else 512))
+    height, width = args.height or defaults.size, args.width or defaults.size
     if model.sdxl:
         inputs["time_ids"] = pl.sdxl_time_ids(1, height, width)
-    guidance = args.guidance if args.guidance is not None else (7.5 if model.sdxl else 5.0)
+    guidance = args.guidance if args.guidance is not None else defaults.guidance
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)
     noise = pl.initial_noise([args.seed], (height // f, width // f, model.unet.config.in_channels))
     images = model(inputs, noise, args.steps, args.merge_step, guidance)

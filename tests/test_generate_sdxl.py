@@ -138,3 +138,21 @@ def test_sdxl_pooled_embedding_switches_at_the_merge_step(sdxl_run):
     sets = jax.jit(lambda f, t, x: pl.embedding_sets(loaded.model, f, t, x))(loaded.frozen, loaded.trainable, inputs)
     assert sets.null.shape == (1, 81, 64) and sets.text_pooled.shape == (1, 32)
     assert np.abs(np.asarray(sets.text_pooled) - np.asarray(sets.augmented_pooled)).max() > 1e-3
+
+
+def test_run_pytorch_cli_on_sdxl(sdxl_run, tmp_path):
+    """convert/run_pytorch.py end to end on an SDXL base: detection, SDXL defaults, time ids, image out."""
+    import skimage.data
+    from PIL import Image
+
+    root, ckpt, loaded = sdxl_run
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "face.png")
+    spec = importlib.util.spec_from_file_location("run_pytorch", REPO / "convert" / "run_pytorch.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    out = tmp_path / "out.png"
+    assert rp.main([f"--checkpoint={ckpt}", f"--base={root / 'base'}", f"--image-encoder={root / 'clip'}",
+                    f"--image={tmp_path / 'face.png'}", "--prompt=a portrait", "--steps=2", "--merge-step=0",
+                    "--height=64", "--width=64", "--device=cpu",
+                    f"--facial-encoder-heads={loaded.model.facial_encoder.heads}", f"--out={out}"]) == 0
+    assert np.asarray(Image.open(out)).shape == (64, 64, 3)

@@ -38,9 +38,7 @@ def run_one_step(config, mesh, model, frozen, trainable, batch):
     tx = trainer.make_optimizer(config)
     key = jax.random.key(config.seed)
     placement = trainer.make_placement(model, tx, mesh, key)
-    state = jax.jit(lambda p: trainer.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                    out_shardings=placement.state)(trainable)
-    frozen = jax.device_put(frozen, placement.frozen)
+    state, frozen = trainer.place(trainable, frozen, tx, placement)
     gb = trainer.global_batch(batch, placement)
     step = trainer.jit_train_step(model, tx, config, placement, {k: v.ndim for k, v in gb.items()})
     state, metrics = step(state, frozen, gb, jax.random.key(7))
