@@ -105,12 +105,11 @@ def text_batch(prompt: str, negative_prompt: str, tokenizer, part_names: Sequenc
     """
     if caption is None:
         caption = fp.DEFAULT_CAPTION_SDXL if variant == "sdxl" else fp.DEFAULT_CAPTION_SD15
-    reference_parts = [p for p in fp.REFERENCE_PARTS if p in part_names] or list(part_names)
-    prompt_face, prompt_text_only = fp.compose_inference_prompt(prompt, caption, tokenizer, variant,
-                                                                part_names=reference_parts)
+    prompt_face, prompt_text_only = fp.compose_inference_prompt(prompt, caption, tokenizer, part_names,
+                                                                variant)
     if variant == "sdxl":
         prompt_text_only = prompt
-    marked, kept = fp.process_text_with_markers(caption, reference_parts)
+    marked, kept = fp.process_text_with_markers(caption, part_names)
     tokens = fp.tokenize_facial_prompt(tokenizer, prompt_face)
     ordered = fp.pair_parts_to_words(kept, pairing, marked) if fp.FACIAL_TOKEN in prompt_face else []
     rows = tokenizer([prompt_text_only, negative_prompt or ""], max_length=77, padding="max_length",

@@ -247,7 +247,7 @@ def _check_tokens(got, clean, mask, max_facials=5):
 
 
 def test_facial_tokens_point_at_the_facial_words(ours, hf):
-    prompt_face, prompt_text_only = fp.compose_inference_prompt(PROMPT, fp.DEFAULT_CAPTION_SD15, ours)
+    prompt_face, prompt_text_only = fp.compose_inference_prompt(PROMPT, fp.DEFAULT_CAPTION_SD15, ours, ALL_FIVE)
     assert prompt_face == PROMPT + "Detail:" + WORKED_EXAMPLE
     assert prompt_text_only == PROMPT + "Detail:" + WORKED_EXAMPLE.replace("<|facial|>", "")
     got = fp.tokenize_facial_prompt(ours, prompt_face)
@@ -298,19 +298,19 @@ def test_tokens_match_reference_rendering_on_random_texts(ours, hf):
 @pytest.mark.parametrize("variant,sep", [("sd15", "Detail:"), ("sdxl", "; Detail:")])
 def test_inference_prompt_and_fallbacks(ours, hf, variant, sep):
     caption = fp.DEFAULT_CAPTION_SD15
-    got = fp.compose_inference_prompt(PROMPT, caption, ours, variant=variant)
+    got = fp.compose_inference_prompt(PROMPT, caption, ours, ALL_FIVE, variant=variant)
     assert got == _Ref.inference_prompt(PROMPT, caption, ALL_FIVE, hf, sep)
     assert got[0] == PROMPT + sep + WORKED_EXAMPLE
 
     long_prompt = PROMPT + ", " + LLAVA  # > 77 tokens with the facial text: the facial text goes first
-    got = fp.compose_inference_prompt(long_prompt, caption, ours, variant=variant)
+    got = fp.compose_inference_prompt(long_prompt, caption, ours, ALL_FIVE, variant=variant)
     assert got == _Ref.inference_prompt(long_prompt, caption, ALL_FIVE, hf, sep)
     assert got[0] == sep + WORKED_EXAMPLE + " Caption:" + long_prompt
     assert [ours.decode([t.input_ids[i]]) for t in [fp.tokenize_facial_prompt(ours, got[0])]
             for i in t.facial_token_idx] == ["face", "ears", "eyes", "nose", "mouth"]
 
     long_caption = LLAVA_FACE + " " + LLAVA  # > 330 characters: the prompt alone
-    got = fp.compose_inference_prompt(PROMPT, long_caption, ours, variant=variant)
+    got = fp.compose_inference_prompt(PROMPT, long_caption, ours, ALL_FIVE, variant=variant)
     assert got == (PROMPT, PROMPT) == _Ref.inference_prompt(PROMPT, long_caption, ALL_FIVE, hf, sep)
     assert not fp.tokenize_facial_prompt(ours, got[0]).facial_token_idx_mask.any()
 

@@ -57,9 +57,6 @@ PART_LABELS = {
     "Upper_Lip": 12,
     "Lower_Lip": 13,
 }
-# The parts the reference uses when all are visible: one of each pair, in label order.
-REFERENCE_PARTS = ("Face", "Left_Eye", "Left_Ear", "Nose", "Upper_Lip")
-
 # The fixed face captions of the reference inference pipelines (LLaVA captioning is disabled there).
 DEFAULT_CAPTION_SD15 = "The person has one face, one nose, two eyes, two ears, and one mouth."
 DEFAULT_CAPTION_SDXL = "The person has one face, one nose, two eyes, two ears, and a mouth."
@@ -279,14 +276,17 @@ def compose_inference_prompt(
     prompt: str,
     caption: str,
     tokenizer,
+    part_names: Sequence[str],
     variant: str = "sd15",
-    part_names: Sequence[str] = REFERENCE_PARTS,
     max_length: int = 77,
 ) -> tuple[str, str]:
     """The prompt of the reference pipelines (spec §6 step 5). Returns (prompt_face, prompt_text_only).
 
     `caption` is the raw face caption (e.g. DEFAULT_CAPTION_SD15); it is marked with
     `process_text_with_markers(caption, part_names)` (call that too to get the kept parts).
+    `part_names` are the parts found in the photo, as `cid_jax.data.masks.part_names` decides them
+    for training and inference alike (the first present member of each pair: Right_Eye when there
+    is no Left_Eye, and so on).
     * sd15: prompt + "Detail:" + marked (no separator, as the reference); if that has more than 77
       tokens: "Detail:" + marked + " Caption:" + prompt (which the tokenizer then truncates).
     * sdxl: the same with "; Detail:".
