@@ -1,7 +1,7 @@
 """Defaults shared by every training config (configs/*.py override what differs)."""
 import ml_collections
 
-from cid_jax.models.adapters import SD15_CAPTURE_GROUPS
+from cid_jax.models.sites import SD15_CAPTURE_GROUPS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -12,10 +12,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.variant = "sd15"                     # "sd15" or "sdxl"
     c.model.base = ""                            # local diffusers SD folder (unet/ vae/ text_encoder/ ...)
     c.model.image_encoder = ""                   # local laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder
-    c.model.tiny = None                          # dict of tiny random architectures (demo/tests only)
+    c.model.preset = ""                          # random weights of a cid_jax.models.presets architecture
+                                                 # (tiny-sd15, ...) when model.base is empty
     c.model.dtype = "bfloat16"                   # compute dtype; trainable params and optimizer state stay fp32
     c.model.frozen_dtype = ""                    # frozen base weights' storage dtype; "" = the compute dtype
     c.model.remat = False                        # rematerialise each block in the backward pass
+    c.model.attention = "auto"                   # attention kernel: auto | fused | chunked | cudnn
     c.model.lora_rank = 128                      # LoRA rank on q/k/v/out of every attention
     c.model.num_id_tokens = 4                    # ID tokens from ProjPlus appended to the 77 text tokens
     c.model.ip_scale = 1.0                       # weight of the decoupled ID attention branch

@@ -17,9 +17,10 @@ DATA, FSDP = "data", "fsdp"
 MESH_AXES = (DATA, FSDP)
 
 # Logical name -> mesh axis (None = replicated). Parameters shard their model dimension ('embed')
-# over fsdp; activations shard the batch over both axes.
+# over fsdp; batches shard their leading dimension over both axes. Every name here is used: by the
+# modules' kernel annotations (`dense_init`, `conv_init`) or by `batch_sharding`.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", (DATA, FSDP)),
+    ("batch", (DATA, FSDP)),  # the leading dimension of every input batch
     ("embed", FSDP),          # model width of Dense inputs/outputs, conv output channels
     ("mlp", None),            # FFN hidden width
     ("heads", None),          # attention inner width (heads * head_dim)
@@ -27,8 +28,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_in", None),        # conv input channels
     ("conv_h", None),
     ("conv_w", None),
-    ("norm", None),           # norm scale/bias vectors
-    ("length", None),         # sequence / pixel axis of activations
 )
 
 
@@ -65,9 +64,9 @@ def param_shardings(boxed_abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
                         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dimension over every mesh axis, the rest replicated."""
-    return NamedSharding(mesh, P((DATA, FSDP), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
+    """The leading ('batch') dimension over the mesh axes the rules give it, the rest replicated."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

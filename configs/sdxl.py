@@ -5,8 +5,7 @@
         --config.model.image_encoder=/models/CLIP-ViT-H-14-laion2B-s32B-b79K --config.data.path=...
 """
 from cid_jax.config_base import base_config
-
-from cid_jax.models.adapters import SDXL_CAPTURE_GROUPS
+from cid_jax.models.sites import SDXL_CAPTURE_GROUPS
 
 
 def get_config():

@@ -28,39 +28,17 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
-from cid_jax.models.attention import (AttentionSite, ProcessorPlan, attend_with_probs, attention_probs,
+from cid_jax.models.attention import (ProcessorPlan, attend_with_probs, attention_probs,
                                       dot_product_attention, merge_heads, split_heads)
+from cid_jax.models.sites import (SD15_CAPTURE_GROUPS, UNET_LAYER_NAMES, AttentionSite, block_group,
+                                  flax_path_to_site_name, processor_order_key)
 
-# Reference `unet_store_cross_attention_scores`: the hookable block groups, outermost first.
-UNET_LAYER_NAMES = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block",
-                    "up_blocks.1", "up_blocks.2", "up_blocks.3")
 CAPTURE_MODES = ("cross", "self", "none")
 CAPTURE_NAME = "facial_attn"          # sown under collection "intermediates"
 CAPTURE_COLLECTION = "intermediates"
-
-
-def reference_capture_groups(num_layers: int) -> tuple[str, ...]:
-    """The block groups the reference hooks for `localization_layers=num_layers` (the middle ones).
-
-    5 (SD1.5 training) -> down_blocks.1, down_blocks.2, mid_block, up_blocks.1, up_blocks.2;
-    3 (SDXL training)  -> down_blocks.2, mid_block, up_blocks.1.
-    """
-    if not 1 <= num_layers <= len(UNET_LAYER_NAMES):
-        raise ValueError(f"num_layers must be in 1..{len(UNET_LAYER_NAMES)}, got {num_layers}")
-    start = (len(UNET_LAYER_NAMES) - num_layers) // 2
-    return UNET_LAYER_NAMES[start:start + num_layers]
-
-
-SD15_CAPTURE_GROUPS = reference_capture_groups(5)
-SDXL_CAPTURE_GROUPS = reference_capture_groups(3)
-
-
-def block_group(site_name: str) -> str:
-    """'up_blocks.1.attentions.2.transformer_blocks.0.attn2' -> 'up_blocks.1'; mid -> 'mid_block'."""
-    parts = site_name.split(".")
-    return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
 
 
 # ------------------------------------------------------------------------------------ modules
@@ -138,7 +116,7 @@ class ConsistentSelfProcessor(_LoRAProjections):
             self.sow(CAPTURE_COLLECTION, CAPTURE_NAME, gather_keys(probs, facial_token_idx))
             h = attend_with_probs(probs, v)
         else:
-            h = dot_product_attention(q, k, v, mask)
+            h = dot_product_attention(q, k, v, mask, attn.kernel)
         return self.out(attn, merge_heads(h))
 
 
@@ -174,7 +152,7 @@ class ConsistentCrossProcessor(_LoRAProjections):
             self.sow(CAPTURE_COLLECTION, CAPTURE_NAME, gather_keys(probs, facial_token_idx))
             h = attend_with_probs(probs, v)
         else:
-            h = dot_product_attention(q, k, v, mask)
+            h = dot_product_attention(q, k, v, mask, attn.kernel)
 
         inner = attn.heads * attn.dim_head
         ip_kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -182,7 +160,7 @@ class ConsistentCrossProcessor(_LoRAProjections):
                                                               ("embed", "heads")))
         ip_k = split_heads(nn.Dense(inner, name="to_k_ip", **ip_kw)(ip), attn.heads)
         ip_v = split_heads(nn.Dense(inner, name="to_v_ip", **ip_kw)(ip), attn.heads)
-        h_ip = dot_product_attention(q, ip_k, ip_v)
+        h_ip = dot_product_attention(q, ip_k, ip_v, kernel=attn.kernel)
         scale = self.scale if ip_scale is None else jnp.asarray(ip_scale, h.dtype)
         return self.out(attn, merge_heads(h + scale * h_ip.astype(h.dtype)))
 
@@ -246,7 +224,9 @@ def init_ip_from_base(unet_params: Mapping, adapter_params: Mapping) -> dict:
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"init_ip_from_base: {'/'.join(src)} has shape {tuple(value.shape)} but "
                              f"{'/'.join(path)} has {tuple(target.shape)}")
-        value = jnp.asarray(value, dtype=target.dtype)
+        # Host trees stay on the host (numpy); device trees stay on the device.
+        value = (np.asarray(value, dtype=target.dtype) if isinstance(target, np.ndarray)
+                 else jnp.asarray(value, dtype=target.dtype))
         flat[path] = leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
         copied += 1
     if not copied:
@@ -259,8 +239,6 @@ def collect_facial_attn(intermediates: Mapping) -> dict[str, jax.Array]:
 
     Ordered like `unet.attn_processors` (down, up, mid). Each value is [B, heads, pixels, 5].
     """
-    from cid_jax.weights.consistentid import flax_path_to_site_name, processor_order_key
-
     found = {}
     for path, value in traverse_util.flatten_dict(intermediates, keep_empty_nodes=False).items():
         if CAPTURE_NAME in path:

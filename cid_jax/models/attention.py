@@ -10,30 +10,25 @@ Which processor an attention gets is decided by a `ProcessorPlan`: a function of
 (`AttentionSite`: diffusers name, self/cross, widths). The UNet passes the plan down to every
 attention, so ConsistentID (or a test) changes the attention of chosen layers without forking any
 model code.
+
+How the attention product itself runs (the *kernel*) is a field of each `Attention`, set once on the
+top-level model (`UNet2DConditionModel.attention_kernel`, `AutoencoderKL.attention_kernel`) and
+passed down: part of the module definition, so jit's cache sees it and no global state is read at
+trace time.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
 
+from cid_jax.models.sites import AttentionSite
 from cid_jax.sharding import dense_init
-
-
-class AttentionSite(NamedTuple):
-    """Where an attention sits, in diffusers' names (the key of `unet.attn_processors`)."""
-    name: str                   # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    is_cross: bool              # attn2 (cross-attention to the conditioning) vs attn1 (self)
-    hidden_size: int            # query width (block channels)
-    context_dim: int            # key/value input width (cross_attention_dim for attn2)
-    heads: int
-    dim_head: int
 
 
 # A ProcessorPlan maps a site to a processor Module factory (a Module class or functools.partial).
@@ -69,33 +64,21 @@ def attend_with_probs(probs: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-# How `dot_product_attention` runs. "auto": the query-chunked kernel when compiling for the CPU,
-# cuDNN flash attention on a GPU for bf16/fp16 without a mask (when a probe shows it compiles and
-# agrees with XLA there), XLA's fused attention otherwise. `cid_jax.aot` sets "fused" (XLA) when
-# compiling for TPU from a CPU host.
-ATTENTION_KERNEL = {"mode": "auto"}
-_KERNELS = ("auto", "fused", "chunked", "cudnn")
+# The attention kernels. "auto": the query-chunked kernel when compiling for the CPU, cuDNN flash
+# attention on a GPU for bf16/fp16 without a mask (when a probe shows it compiles and agrees with
+# XLA there), XLA's fused attention otherwise. "fused": always XLA's (what `cid_jax.aot` uses when it
+# compiles for a TPU from a CPU host, and what inits trace). "chunked": the CPU kernel wherever the
+# sequence is long enough. "cudnn": cuDNN flash attention wherever there is no mask.
+KERNELS = ("auto", "fused", "chunked", "cudnn")
 _CPU_CHUNK = 128          # queries per block: a [B, H, 128, Lk] logits block stays cache-sized
 _CPU_CHUNK_MIN_SCORES = 1 << 20
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def set_attention_kernel(mode: str) -> None:
-    """'auto' (default), 'fused' (XLA), 'chunked' (CPU-friendly) or 'cudnn' (GPU flash attention)."""
-    if mode not in _KERNELS:
-        raise ValueError(f"attention kernel must be one of {', '.join(_KERNELS)}, got {mode!r}")
-    ATTENTION_KERNEL["mode"] = mode
-
-
-@contextlib.contextmanager
-def attention_kernel(mode: str) -> Iterator[None]:
-    """`set_attention_kernel(mode)` for the duration of a block (traces inside it), then the previous."""
-    previous = ATTENTION_KERNEL["mode"]
-    set_attention_kernel(mode)
-    try:
-        yield
-    finally:
-        ATTENTION_KERNEL["mode"] = previous
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    return kernel
 
 
 def _chunked_attention(q, k, v, chunk: int) -> jax.Array:
@@ -163,12 +146,12 @@ def _probe_cudnn_attention(lq, lk, heads, head_dim, dtype_name) -> bool:
     return ok
 
 
-def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None) -> jax.Array:
+def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None, kernel: str = "auto") -> jax.Array:
     """Attention where no probabilities are needed: q/k/v [B, L, H, D] -> [B, Lq, H, D].
 
-    The kernel follows ATTENTION_KERNEL (see above): chunked on the CPU for long unmasked
-    sequences, cuDNN flash attention on a GPU in bf16/fp16, XLA's attention otherwise."""
-    mode = ATTENTION_KERNEL["mode"]
+    `kernel` (see KERNELS): by default chunked on the CPU for long unmasked sequences, cuDNN flash
+    attention on a GPU in bf16/fp16, XLA's attention otherwise."""
+    mode = check_kernel(kernel)
     if mask is None and mode in ("auto", "cudnn") and q.dtype in _CUDNN_DTYPES:
         if mode == "cudnn" or cudnn_attention_works(q.shape[1], k.shape[1], q.shape[2], q.shape[3],
                                                     jnp.dtype(q.dtype).name):
@@ -201,7 +184,7 @@ class DefaultProcessor(nn.Module):
             self.sow("intermediates", "attn_probs", probs)
             out = attend_with_probs(probs, v)
         else:
-            out = dot_product_attention(q, k, v, mask)
+            out = dot_product_attention(q, k, v, mask, attn.kernel)
         return attn.to_out_0(merge_heads(out))
 
 
@@ -220,6 +203,7 @@ class Attention(nn.Module):
     site: Optional[AttentionSite] = None
     processor_plan: ProcessorPlan = default_plan
     qkv_bias: bool = False
+    kernel: str = "auto"            # how the attention product runs (KERNELS)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

@@ -152,32 +152,6 @@ class CLIPVisionConfig:
         return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
 
 
-# The real config.json contents of the checkpoints this project uses (network-defining fields).
-# SD1.5 `text_encoder` and SDXL `text_encoder` (openai/clip-vit-large-patch14 text tower).
-CLIP_L_TEXT: dict = {
-    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-    "projection_dim": 768,
-}
-# SDXL `text_encoder_2` (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k text tower, with projection).
-OPENCLIP_BIGG_TEXT: dict = {
-    "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
-    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-    "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
-    "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-    "projection_dim": 1280,
-}
-# The ConsistentID / IP-Adapter image encoder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K vision tower).
-CLIP_VIT_H_14_VISION: dict = {
-    "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
-    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-    "num_attention_heads": 16, "num_channels": 3, "image_size": 224, "patch_size": 14,
-    "hidden_act": "gelu", "layer_norm_eps": 1e-05, "projection_dim": 1024,
-}
-
-
 # ----------------------------------------------------------------------------------------- outputs
 
 

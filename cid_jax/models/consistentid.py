@@ -4,7 +4,12 @@
 in two trees kept apart:
 
     frozen    = {"unet": base UNet, "vae": ..., "text": [one or two encoders], "vision": CLIP-H}
-    trainable = {"unet": adapter subtrees (…/attnN/processor/…), "facial_encoder": ..., "image_proj": ...}
+    trainable = {"facial_encoder": ..., "image_proj": ...,
+                 "adapter_modules": UNet-shaped adapter subtrees (…/attnN/processor/…)}
+
+The trainable groups carry the reference checkpoint's names where the reference has one name
+(`adapter_modules`); the export maps `facial_encoder` / `image_proj` to its `FacialEncoder` /
+`image_proj[_model]`.
 
 `conditioning` turns a batch into the UNet's context ([77 facial-fused text tokens ; 4 ID tokens]);
 `predict_noise` runs the UNet with adapters and returns the noise prediction and the captured
@@ -18,12 +23,15 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from cid_jax.models import adapters, partition
+from cid_jax.models import adapters, trainable as trainable_lib
 from cid_jax.models.clip import CLIPVisionModelWithProjection
 from cid_jax.models.facial_encoder import FacialEncoder
 from cid_jax.models.resampler import ProjPlus
 from cid_jax.models.unet import UNet2DConditionModel
 from cid_jax.models.vae import AutoencoderKL
+
+
+TRAINABLE_GROUPS = ("facial_encoder", "image_proj", "adapter_modules")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +47,13 @@ class ConsistentID:
     pad_token_id_2: int = 0              # SDXL tokenizer_2 pads with '!' (id 0)
 
     @property
+    def variant(self) -> str:
+        """'sdxl' (two text encoders) or 'sd15'."""
+        return "sdxl" if len(self.text_encoders) == 2 else "sd15"
+
+    @property
     def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+        return self.variant == "sdxl"
 
     # ------------------------------------------------------------------------- frozen encoders
 
@@ -109,7 +122,7 @@ class ConsistentID:
     def predict_noise(self, frozen, trainable, noisy, timesteps, context, added=None,
                       facial_token_idx=None, capture: bool = True):
         """UNet with adapters -> (noise prediction, {attention name: [B, H, N, 5]} captured maps)."""
-        params = partition.merge(frozen["unet"], trainable["unet"])
+        params = trainable_lib.merge(frozen["unet"], trainable["adapter_modules"])
         kwargs = {} if facial_token_idx is None else {"facial_token_idx": facial_token_idx}
         if not capture:
             return self.unet.apply({"params": params}, noisy, timesteps, context, added,
@@ -121,4 +134,4 @@ class ConsistentID:
 
 def split_unet_params(unet_params) -> tuple[dict, dict]:
     """A UNet tree with adapters -> (base weights, adapter subtrees)."""
-    return partition.split_trainable(unet_params, (r"(.*/)?processor/.*",))
+    return trainable_lib.split_trainable(unet_params, (trainable_lib.ADAPTER_PATTERN,))

@@ -17,8 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cid_jax.models.attention import Attention, AttentionSite, ProcessorPlan, default_plan
+from cid_jax.models import presets
+from cid_jax.models.attention import Attention, ProcessorPlan, default_plan
 from cid_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
+from cid_jax.models.sites import AttentionSite
 from cid_jax.sharding import dense_init
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -84,14 +86,8 @@ class UNetConfig:
         return self.per_block(self.transformer_layers_per_block)
 
 
-SD15_UNET = UNetConfig()
-SDXL_UNET = UNetConfig(
-    block_out_channels=(320, 640, 1280),
-    down_block_types=(PLAIN_DOWN, CROSS_DOWN, CROSS_DOWN),
-    up_block_types=(CROSS_UP, CROSS_UP, PLAIN_UP),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, sample_size=128)
+SD15_UNET = UNetConfig.from_dict(presets.SD15_UNET)
+SDXL_UNET = UNetConfig.from_dict(presets.SDXL_UNET)
 
 
 def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, shift: float) -> jax.Array:
@@ -150,6 +146,7 @@ class BasicTransformerBlock(nn.Module):
     context_dim: int
     name_prefix: str
     processor_plan: ProcessorPlan = default_plan
+    attention_kernel: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -161,8 +158,8 @@ class BasicTransformerBlock(nn.Module):
         def attention(which, ctx_dim):
             site = AttentionSite(f"{self.name_prefix}.{which}", which == "attn2", self.dim, ctx_dim,
                                  self.heads, dim_head)
-            return Attention(self.dim, self.heads, dim_head, site=site,
-                             processor_plan=self.processor_plan, name=which, **kw)
+            return Attention(self.dim, self.heads, dim_head, site=site, processor_plan=self.processor_plan,
+                             kernel=self.attention_kernel, name=which, **kw)
 
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # noqa: E731
         x = x + attention("attn1", self.dim)(ln("norm1")(x), None, **attention_kwargs)
@@ -179,6 +176,7 @@ class Transformer2DModel(nn.Module):
     name_prefix: str
     groups: int = 32
     processor_plan: ProcessorPlan = default_plan
+    attention_kernel: str = "auto"
     remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -198,8 +196,8 @@ class Transformer2DModel(nn.Module):
         for i in range(self.depth):
             h = block_cls(self.channels, self.heads, self.context_dim,
                           name_prefix=f"{self.name_prefix}.transformer_blocks.{i}",
-                          processor_plan=self.processor_plan, name=f"transformer_blocks_{i}",
-                          **kw)(h, context, attention_kwargs)
+                          processor_plan=self.processor_plan, attention_kernel=self.attention_kernel,
+                          name=f"transformer_blocks_{i}", **kw)(h, context, attention_kwargs)
         if self.use_linear_projection:
             h = nn.Dense(self.channels, name="proj_out", kernel_init=dense_init(("mlp", "embed")), **kw)(h)
             h = h.reshape(b, hgt, wid, c)
@@ -213,6 +211,7 @@ class _BlockBase(nn.Module):
     config: UNetConfig
     index: int
     processor_plan: ProcessorPlan = default_plan
+    attention_kernel: str = "auto"
     remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -227,7 +226,8 @@ class _BlockBase(nn.Module):
         return Transformer2DModel(
             channels, heads, depth, cfg.cross_attention_dim, cfg.use_linear_projection,
             name_prefix=prefix, groups=cfg.norm_num_groups, processor_plan=self.processor_plan,
-            remat=self.remat, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+            attention_kernel=self.attention_kernel, remat=self.remat, name=name, dtype=self.dtype,
+            param_dtype=self.param_dtype)
 
 
 class DownBlock(_BlockBase):
@@ -297,10 +297,12 @@ class UNet2DConditionModel(nn.Module):
 
     sample NHWC [B,H,W,C]; timesteps [B] or a scalar; encoder_hidden_states [B,L,cross_attention_dim];
     SDXL also `added_cond={'text_embeds': [B,1280], 'time_ids': [B,6]}`. `attention_kwargs` go to
-    every attention processor unchanged.
+    every attention processor unchanged. `attention_kernel` picks how every attention product runs
+    (`cid_jax.models.attention.KERNELS`).
     """
     config: UNetConfig = SD15_UNET
     processor_plan: ProcessorPlan = default_plan
+    attention_kernel: str = "auto"
     remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -309,7 +311,8 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond: Optional[Mapping] = None,
                  attention_kwargs: Optional[Mapping] = None):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(config=cfg, processor_plan=self.processor_plan, remat=self.remat, **kw)
+        block_kw = dict(config=cfg, processor_plan=self.processor_plan, attention_kernel=self.attention_kernel,
+                        remat=self.remat, **kw)
         attention_kwargs = dict(attention_kwargs or {})
         channels = cfg.block_out_channels
         batch = sample.shape[0]
@@ -346,3 +349,25 @@ class UNet2DConditionModel(nn.Module):
 
         h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h)
         return conv(cfg.out_channels, 3, "conv_out", **kw)(nn.silu(h))
+
+    def dummy_inputs(self, batch: int = 1, size: Optional[int] = None, text_len: int = 77) -> dict:
+        """Shapes-only inputs for `init`/`eval_shape`; by default the smallest latent side that fits
+        every level (8 x 2^(levels - 1))."""
+        cfg = self.config
+        size = size or 8 * 2 ** (len(cfg.block_out_channels) - 1)
+        inputs = dict(
+            sample=jax.ShapeDtypeStruct((batch, size, size, cfg.in_channels), jnp.float32),
+            timesteps=jax.ShapeDtypeStruct((batch,), jnp.int32),
+            encoder_hidden_states=jax.ShapeDtypeStruct((batch, text_len, cfg.cross_attention_dim), jnp.float32))
+        if cfg.addition_embed_type == "text_time":
+            text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            inputs["added_cond"] = dict(text_embeds=jax.ShapeDtypeStruct((batch, text_dim), jnp.float32),
+                                        time_ids=jax.ShapeDtypeStruct((batch, 6), jnp.float32))
+        return inputs
+
+
+def abstract_unet_params(module: UNet2DConditionModel, boxed: bool = False, text_len: int = 77):
+    """The UNet's param tree as ShapeDtypeStructs (traced once, nothing allocated or compiled)."""
+    shapes = jax.eval_shape(lambda inp: module.init(jax.random.key(0), **inp),
+                            module.dummy_inputs(text_len=text_len))["params"]  # inp: tracers of the shapes
+    return shapes if boxed else nn.meta.unbox(shapes)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from cid_jax.models import presets
 from cid_jax.models.attention import Attention
 from cid_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
 
@@ -113,18 +114,8 @@ class VAEConfig:
         return z / self.scaling_factor + shift
 
 
-# The vae/config.json files of the public checkpoints (SD1.5 relies on diffusers' defaults for
-# scaling_factor and force_upcast; SDXL's base ships the fp16-overflowing VAE with force_upcast).
-SD15_VAE_CONFIG: dict = {
-    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": [DOWN_BLOCK] * 4, "up_block_types": [UP_BLOCK] * 4, "in_channels": 3,
-    "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-    "sample_size": 512,
-}
-SDXL_VAE_CONFIG: dict = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025,
-                         "force_upcast": True}
-SD15_VAE = VAEConfig.from_dict(SD15_VAE_CONFIG)
-SDXL_VAE = VAEConfig.from_dict(SDXL_VAE_CONFIG)
+SD15_VAE = VAEConfig.from_dict(presets.SD15_VAE)
+SDXL_VAE = VAEConfig.from_dict(presets.SDXL_VAE)
 
 
 # ------------------------------------------------------------------------------ distribution
@@ -193,6 +184,7 @@ class MidBlock2D(nn.Module):
     channels: int
     groups: int
     add_attention: bool = True
+    attention_kernel: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -202,8 +194,8 @@ class MidBlock2D(nn.Module):
         x = ResnetBlock2D(self.channels, self.groups, VAE_EPS, name="resnets_0", **kw)(x)
         if self.add_attention:
             x = SpatialSelfAttention(query_dim=self.channels, heads=1, dim_head=self.channels,
-                                     qkv_bias=True, num_groups=self.groups, name="attentions_0",
-                                     **kw)(x)
+                                     qkv_bias=True, num_groups=self.groups, kernel=self.attention_kernel,
+                                     name="attentions_0", **kw)(x)
         return ResnetBlock2D(self.channels, self.groups, VAE_EPS, name="resnets_1", **kw)(x)
 
 
@@ -248,6 +240,7 @@ class UpDecoderBlock2D(nn.Module):
 class Encoder(nn.Module):
     """Image [B,H,W,in] -> moments [B,H/f,W/f,2*latent] (double_z: mean and logvar)."""
     config: VAEConfig
+    attention_kernel: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -259,7 +252,8 @@ class Encoder(nn.Module):
         for i, ch in enumerate(chans):
             x = DownEncoderBlock2D(ch, cfg.layers_per_block, g, add_downsample=i < len(chans) - 1,
                                    name=f"down_blocks_{i}", **kw)(x)
-        x = MidBlock2D(chans[-1], g, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
+        x = MidBlock2D(chans[-1], g, cfg.mid_block_add_attention, self.attention_kernel, name="mid_block",
+                       **kw)(x)
         x = nn.silu(GroupNorm(g, VAE_EPS, name="conv_norm_out", **kw)(x))
         return conv(2 * cfg.latent_channels, 3, "conv_out", **kw)(x)
 
@@ -267,6 +261,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent [B,h,w,latent] -> image [B,h*f,w*f,out]. Up blocks run over the reversed widths."""
     config: VAEConfig
+    attention_kernel: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -275,7 +270,8 @@ class Decoder(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         chans, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
         x = conv(chans[0], 3, "conv_in", **kw)(z.astype(self.dtype))
-        x = MidBlock2D(chans[0], g, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
+        x = MidBlock2D(chans[0], g, cfg.mid_block_add_attention, self.attention_kernel, name="mid_block",
+                       **kw)(x)
         for i, ch in enumerate(chans):
             x = UpDecoderBlock2D(ch, cfg.layers_per_block + 1, g, add_upsample=i < len(chans) - 1,
                                  name=f"up_blocks_{i}", **kw)(x)
@@ -293,13 +289,14 @@ class AutoencoderKL(nn.Module):
     Latent scaling is not applied here: use `config.scale_latents` / `config.unscale_latents`.
     """
     config: VAEConfig
+    attention_kernel: str = "auto"     # the mid blocks' attention (cid_jax.models.attention.KERNELS)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, **kw)
-        self.decoder = Decoder(cfg, **kw)
+        self.encoder = Encoder(cfg, self.attention_kernel, **kw)
+        self.decoder = Decoder(cfg, self.attention_kernel, **kw)
         if cfg.use_quant_conv:
             self.quant_conv = conv(2 * cfg.latent_channels, 1, "quant_conv", padding="VALID", **kw)
         if cfg.use_post_quant_conv:

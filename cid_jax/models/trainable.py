@@ -12,9 +12,10 @@ from typing import Mapping, Sequence
 
 from flax import traverse_util
 
-# ConsistentID: the attention adapters wherever they sit, and the two encoder groups of the
-# composite model's tree ({"unet": ..., "facial_encoder": ..., "image_proj": ...}).
-TRAINABLE_PATTERNS = (r"(.*/)?processor/.*", r"facial_encoder/.*", r"image_proj/.*")
+# ConsistentID: the attention adapters wherever they sit (`<attention>/processor/...`), and the two
+# encoder groups of the composite model's tree.
+ADAPTER_PATTERN = r"(.*/)?processor/.*"
+TRAINABLE_PATTERNS = (ADAPTER_PATTERN, r"facial_encoder/.*", r"image_proj/.*")
 
 
 def path_str(path: Sequence[str]) -> str:
