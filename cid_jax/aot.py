@@ -8,9 +8,10 @@ config, and the very jitted step that `cid_jax.trainer.train` runs (`trainer.jit
 with abstract, sharded arguments (`jax.eval_shape`: nothing is allocated, no weights are read) and
 compiled. The compiled executable's memory and cost analyses give the per-chip HBM use and FLOPs.
 
-Architectures: `config.model.tiny` when the config has it (the demo); the config.json files of
-`config.model.base` / `config.model.image_encoder` when those folders exist; otherwise the public
-checkpoints' architectures built into the code (`preset_architectures`), so no download is needed.
+Architectures: the config.json files of `config.model.base` / `config.model.image_encoder` when
+those folders exist; else `config.model.preset` (the demo's tiny one); otherwise the public
+checkpoints' architectures of the preset registry (`cid_jax.models.presets`: sd15 / sdxl), so no
+download is needed.
 
 Exit status: 0 when the step fits the chip's HBM, 1 when it does not (the message names the knob to
 turn), 2 when the setup is wrong (libtpu missing, batch not divisible, unknown topology).
@@ -25,6 +26,8 @@ import os
 import sys
 import time
 from typing import Any, Sequence
+
+from cid_jax import cli
 
 GiB = 1024 ** 3
 
@@ -50,7 +53,7 @@ INSTALL_HINT = ("libtpu is not installed: AOT compilation for TPU topologies nee
                 "hosts too). Install the extra: pip install 'cid_jax[tpu]'  (or: pip install libtpu)")
 
 
-class SetupError(Exception):
+class SetupError(cli.InputError):
     """The command cannot run as asked (exit status 2)."""
 
 
@@ -102,36 +105,24 @@ def chip_of(topology: str, devices: Sequence) -> Chip:
 # ---------------------------------------------------------------------------- architectures
 
 
-def preset_architectures(variant: str):
-    """A `config.model.tiny`-style ConfigDict with the public checkpoints' full-size architectures
-    (the config.json contents of SD1.5 / SDXL base and CLIP-ViT-H-14), for shape-only use."""
-    import ml_collections
-
-    from cid_jax.models import clip, unet, vae
-
-    if variant == "sd15":
-        u, v, text = unet.SD15_UNET, vae.SD15_VAE_CONFIG, [clip.CLIP_L_TEXT]
-    elif variant == "sdxl":
-        u, v, text = unet.SDXL_UNET, vae.SDXL_VAE_CONFIG, [clip.CLIP_L_TEXT, clip.OPENCLIP_BIGG_TEXT]
-    else:
-        raise SetupError(f"--config.model.variant={variant!r}: expected 'sd15' or 'sdxl'")
-    return ml_collections.ConfigDict(dict(
-        unet=dataclasses.asdict(u), vae=dict(v), text=[dict(t) for t in text],
-        vision=dict(clip.CLIP_VIT_H_14_VISION)))
-
-
 def architecture_config(config):
-    """(config whose `model.tiny` holds the architectures to compile, where they came from)."""
-    from cid_jax.models import build as build_lib
+    """(config whose architectures are the ones to compile, where they came from). XLA's fused
+    attention is traced: this host is a CPU, the target a TPU."""
+    from cid_jax import build as build_lib
+    from cid_jax.models import presets
 
     config = copy.deepcopy(config)
-    if config.model.get("tiny"):
-        return config, "config.model.tiny"
-    if config.model.base and not build_lib.missing_weight_folders(config):
-        return config, f"config.json files under {config.model.base}"
     with config.unlocked():
-        config.model.tiny = preset_architectures(config.model.variant)
-    return config, f"built-in {config.model.variant} presets (public checkpoints' config.json)"
+        config.model.attention = "fused"
+        if config.model.base and not build_lib.missing_weight_folders(config):
+            return config, f"config.json files under {config.model.base}"
+        if config.model.get("preset"):
+            return config, f"the {config.model.preset} preset"
+        if config.model.variant not in presets.VARIANTS:
+            raise SetupError(f"--config.model.variant={config.model.variant!r}: expected 'sd15' or 'sdxl'")
+        config.model.base = ""
+        config.model.preset = config.model.variant
+    return config, f"the {config.model.variant} preset (the public checkpoints' config.json)"
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -171,8 +162,9 @@ def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
     import flax
     import jax
 
+    from cid_jax import build as build_lib
     from cid_jax import sharding, trainer
-    from cid_jax.models import build as build_lib
+    from cid_jax.data.batch import spec_for_config
 
     devices = list(devices) if devices is not None else topology_devices(topology)
     config, source = architecture_config(config)
@@ -182,9 +174,9 @@ def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
 
     model = build_lib.build_modules(config)
     tx = trainer.make_optimizer(config)
-    key = jax.random.key(config.seed)
-    placement = trainer.make_placement(model, tx, mesh, key)
-    frozen_boxed, train_boxed = trainer.abstract_trees(model, tx, key)
+    key = build_lib.stream_key(config, "step")
+    placement = trainer.make_placement(model, tx, mesh)
+    frozen_boxed, train_boxed = build_lib.abstract_frozen(model), build_lib.abstract_trainable(model)
     unbox = flax.linen.meta.unbox
     state = jax.eval_shape(lambda p: trainer.new_state(p, tx), unbox(train_boxed))
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
@@ -193,8 +185,7 @@ def make_plan(config, topology: str, devices: Sequence | None = None) -> Plan:
     frozen_abs = jax.eval_shape(lambda t: build_lib.cast_floating(t, build_lib.frozen_dtype(config)),
                                 unbox(frozen_boxed))
     frozen = jax.tree.map(with_sharding, frozen_abs, placement.frozen)
-    batch = {k: with_sharding(v, placement.batch(v.ndim))
-             for k, v in trainer.batch_spec(config, model, micro).items()}
+    batch = {k: with_sharding(v, placement.batch(v.ndim)) for k, v in spec_for_config(config, micro).items()}
     key_abs = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
     return Plan(config, topology, chip_of(topology, devices), mesh, model, tx, placement, state, frozen,
                 batch, key_abs, micro, source)
@@ -331,9 +322,8 @@ def compile_plan(plan: Plan, mfu: float = 0.4, top_k: int = 8) -> Report:
     import jax
     import jax.numpy as jnp
 
+    from cid_jax import build as build_lib
     from cid_jax import trainer
-    from cid_jax.models import attention
-    from cid_jax.models import build as build_lib
 
     batch_ndims = {k: v.ndim for k, v in plan.batch.items()}
     step = trainer.jit_train_step(plan.model, plan.tx, plan.config, plan.placement, batch_ndims)
@@ -344,9 +334,7 @@ def compile_plan(plan: Plan, mfu: float = 0.4, top_k: int = 8) -> Report:
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
-        # This host is a CPU, the target a TPU: trace the fused attention kernel the TPU run uses.
-        with attention.attention_kernel("fused"):
-            compiled = step.lower(plan.state, plan.frozen, plan.batch, plan.key).compile()
+        compiled = step.lower(plan.state, plan.frozen, plan.batch, plan.key).compile()
     except Exception as e:  # XlaRuntimeError: TPU compiler's "Ran out of memory in memory space hbm"
         msg = str(e)
         if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():

@@ -1,82 +1,119 @@
-"""From a training run to PyTorch: the trained groups in the reference ConsistentID layout.
+"""From trained weights to PyTorch: the reference ConsistentID checkpoint layout.
 
-`export_run` writes `<workdir>/export/consistentid.safetensors` (flat, prefixed keys; no torch
-needed) and the reference nested `.bin` (what the reference SD1.5 loader reads), each re-read and
-checked after writing. `restore_trainable` reads the newest orbax checkpoint of a workdir, so
-`convert/to_pytorch.py --checkpoint=WORKDIR` works on a finished or interrupted run.
+    save(trainable, layout, path, metadata=..., dtype=...)   an in-memory trainable tree -> `.bin` (the
+                                                            reference nested pickle) or `.safetensors`
+                                                            (flat, the reference's prefixes); re-read
+                                                            and checked bit for bit after writing
+    layout_for_config(config)                               the key layout of a run's architecture
+    export_run(config, trainable, run, step)                <run>/export/consistentid.{safetensors,bin}
+    to_pytorch(source, out, ...)                            what `convert/to_pytorch.py` does: a run
+                                                            directory, our params file or a reference
+                                                            file -> a reference-layout file
+
+The trainable tree is the model's (`facial_encoder`, `image_proj`, `adapter_modules`); the files
+use the reference's group names (`FacialEncoder`, `image_proj` / `image_proj_model`, `adapter_modules`).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 
-from cid_jax.weights import consistentid as cid_weights
+from cid_jax import build as build_lib
+from cid_jax import run as run_lib
+from cid_jax.weights import consistentid as cw
+from cid_jax.weights.state_dict import WeightsError
 
-
-def layout_for_config(config, model) -> "cid_weights.CheckpointLayout":
-    """The export key layout of this run's architecture (reference tables for sd15/sdxl)."""
-    layout = cid_weights.layout_for(model.unet.config, base=config.model.variant,
-                                    rank=config.model.lora_rank, num_tokens=config.model.num_id_tokens)
-    fe = model.facial_encoder
-    return dataclasses.replace(layout, clip_dim=model.vision.config.hidden_size,
-                               fe_dim=fe.dim, fe_depth=fe.depth, fe_heads=fe.heads)
+DEFAULT_BASE_MODEL = {"sd15": "runwayml/stable-diffusion-v1-5",
+                      "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
-def to_export_groups(trainable: Mapping[str, Any]) -> dict:
-    """Our trainable tree -> the three groups the exporter takes."""
-    return {"facial_encoder": trainable["facial_encoder"], "image_proj": trainable["image_proj"],
-            "adapters": trainable["unet"]}
+def layout_for_config(config) -> cw.CheckpointLayout:
+    """The export key layout of a config's architecture (reads only the UNet's and the image
+    encoder's config.json, or the preset)."""
+    from cid_jax.models.clip import CLIPVisionConfig
+
+    arch = build_lib.architecture(config, ("unet", "vision"))
+    fe = build_lib.facial_encoder_sizes(config)
+    return cw.layout_for(arch["unet"], base=config.model.variant, rank=int(config.model.lora_rank),
+                         num_tokens=int(config.model.num_id_tokens),
+                         clip_dim=CLIPVisionConfig.from_dict(arch["vision"]).hidden_size,
+                         fe_dim=fe["dim"], fe_depth=fe["depth"], fe_heads=fe["heads"])
 
 
-def from_export_groups(groups: Mapping[str, Any]) -> dict:
-    """Inverse of `to_export_groups`."""
-    return {"facial_encoder": groups["facial_encoder"], "image_proj": groups["image_proj"],
-            "unet": groups["adapters"]}
+def run_metadata(config, layout: cw.CheckpointLayout, step, dtype: str) -> dict[str, str]:
+    """The metadata of an export of a run: base model, pairing, step, dtype, FacialEncoder sizes."""
+    return cw.make_metadata(
+        layout, base_model=config.model.base or f"random {config.model.preset}", pairing=config.data.pairing,
+        step=step, dtype=dtype, extra=dict(facial_encoder_dim=layout.fe_dim, facial_encoder_depth=layout.fe_depth,
+                                           facial_encoder_heads=layout.fe_heads))
 
 
-def export_run(config, trainable, workdir: pathlib.Path, step: int, out: pathlib.Path | None = None,
+def save(trainable: Mapping[str, Any], layout: cw.CheckpointLayout, path: pathlib.Path, *,
+         metadata: Optional[Mapping[str, str]] = None, dtype: str = "fp32", partial: bool = False) -> dict:
+    """Writes `trainable` (host or device arrays) to `path` in the reference layout, atomically, and
+    checks the file by reading it back; a file that fails the check is removed. Returns the groups."""
+    path = pathlib.Path(path)
+    groups = cw.save_checkpoint(jax.device_get(dict(trainable)), layout, path, dtype=dtype, metadata=metadata,
+                                partial=partial)
+    try:
+        cw.verify_written(path, groups, layout)
+    except Exception:  # never leave a file behind that failed its self-check
+        for p in (path, cw.sidecar_path(path)):
+            p.unlink(missing_ok=True)
+        raise
+    return groups
+
+
+def export_run(config, trainable, run: run_lib.RunDir, step: int, out: pathlib.Path | None = None,
                dtype: str | None = None) -> list[pathlib.Path]:
-    """Writes the safetensors and reference .bin exports (or only `out`); returns the paths."""
-    from cid_jax.models.build import build_modules
-
-    model = build_modules(config)
-    layout = layout_for_config(config, model)
+    """Writes the safetensors and reference .bin exports of a run (or only `out`); returns the paths."""
+    layout = layout_for_config(config)
     dtype = dtype or config.train.export_dtype
-    params = jax.device_get(to_export_groups(trainable))
-    meta = cid_weights.make_metadata(
-        layout, base_model=config.model.base or "tiny-random", pairing=config.data.pairing, step=step,
-        dtype=dtype, extra=dict(facial_encoder_dim=layout.fe_dim, facial_encoder_depth=layout.fe_depth,
-                                facial_encoder_heads=layout.fe_heads))
-    targets = [out] if out else [workdir / "export" / "consistentid.safetensors",
-                                 workdir / "export" / "consistentid.bin"]
+    meta = run_metadata(config, layout, step, dtype)
+    targets = [out] if out else [run.export_dir / "consistentid.safetensors", run.export_dir / "consistentid.bin"]
     for path in targets:
-        groups = cid_weights.save_checkpoint(params, layout, path, dtype=dtype, metadata=meta)
-        cid_weights.verify_written(path, groups, layout)
+        save(trainable, layout, path, metadata=meta, dtype=dtype)
     return targets
 
 
-def restore_trainable(workdir: pathlib.Path, step: int | None = None):
-    """(config, trainable params, step) from a run's newest (or given) orbax checkpoint, on the CPU."""
-    import ml_collections
-    import orbax.checkpoint as ocp
+def read_source(source: pathlib.Path, layout: Optional[cw.CheckpointLayout] = None,
+                step: Optional[int] = None) -> tuple[dict, dict[str, str], cw.CheckpointLayout]:
+    """(trainable, metadata, layout) of a training run directory (its newest or given step), our
+    params file or a reference-layout file."""
+    source = pathlib.Path(source).expanduser()
+    if run_lib.RunDir.looks_like_run(source):
+        run = run_lib.RunDir.of(source)
+        config, trainable, step = run_lib.restore_trainable(run, step)
+        run_layout = layout_for_config(config)
+        if layout is not None and layout.base != run_layout.base:
+            raise WeightsError(f"{run.root} was trained with layout {run_layout.base!r}, not {layout.base!r}")
+        return trainable, run_metadata(config, run_layout, step, "fp32"), run_layout
+    params, meta, layout = cw.load_params(source, layout)
+    if step is not None:  # a weights file has no steps to choose from: record the one given
+        meta = dict(meta, step=str(step))
+    return params, meta, layout
 
-    workdir = pathlib.Path(workdir)
-    config_file = workdir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: is {workdir} a cid_jax training workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    ckpt_dir = workdir / "checkpoints"
-    manager = ocp.CheckpointManager(str(ckpt_dir.absolute()), item_names=("state", "meta"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {ckpt_dir}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             meta=ocp.args.JsonRestore()))
-    manager.close()
-    state = restored.state
-    params = state["params"] if isinstance(state, Mapping) else state.params
-    return config, jax.device_get(params), step
+
+def to_pytorch(source, out, *, layout: Optional[str] = None, dtype: str = "fp32", pairing: Optional[str] = None,
+               step: Optional[int] = None, base_model: Optional[str] = None, allow_partial: bool = False):
+    """`convert/to_pytorch.py`: (groups written, metadata, layout)."""
+    params, meta, lay = read_source(pathlib.Path(source), cw.LAYOUTS[layout] if layout else None, step)
+    pairing = pairing or meta.get("pairing")
+    if pairing is None:
+        raise WeightsError(f"{source} records no pairing mode: pass --pairing=reference|by_name")
+    metadata = cw.make_metadata(
+        lay, base_model=base_model or meta.get("base_model") or DEFAULT_BASE_MODEL.get(lay.base, lay.base),
+        pairing=pairing, step=meta.get("step", "unknown"), dtype=dtype,
+        extra={k: v for k, v in meta.items() if k.startswith("facial_encoder_")} | {"source": str(source)})
+    groups = save(params, lay, pathlib.Path(out), metadata=metadata, dtype=dtype, partial=allow_partial)
+    return groups, metadata, lay
+
+
+def summary(groups: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+    n_tensors = sum(len(g) for g in groups.values())
+    n_params = sum(int(v.size) for g in groups.values() for v in g.values())
+    return (", ".join(f"{g} {len(sd)} tensors" for g, sd in groups.items())
+            + f"; {n_tensors} tensors, {n_params:,} params")

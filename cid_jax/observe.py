@@ -108,10 +108,11 @@ def facial_attention_maps(model, frozen, trainable, one, t: int = 400):
 
 
 class Writer:
-    """TensorBoard (tensorboardX) + metrics.jsonl + PNGs under the workdir; no-op off process 0."""
+    """TensorBoard (tensorboardX) + metrics.jsonl + PNGs in the run directory (`cid_jax.run.RunDir`);
+    no-op off process 0."""
 
-    def __init__(self, workdir: pathlib.Path, config, mesh=None):
-        self.workdir = pathlib.Path(workdir)
+    def __init__(self, run, mesh=None):
+        self.run = run
         self.active = jax.process_index() == 0
         self._tb = None
         self._maps_fn = None
@@ -119,9 +120,8 @@ class Writer:
         if self.active:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+            self._tb = SummaryWriter(str(run.tensorboard))
+            self._jsonl = open(run.metrics_file, "a")
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.active:
@@ -153,7 +153,7 @@ class Writer:
             return
         maps, image, valid = (np.asarray(jax.device_get(x)) for x in (maps, image, valid))
         pic = attention_overlay(image, maps, valid)
-        path = self.workdir / "images" / f"attention_{step:07d}.png"
+        path = self.run.images / f"attention_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         pic.save(path)
         self._tb.add_image("attention/facial_tokens", np.asarray(pic), step, dataformats="HWC")
@@ -161,7 +161,6 @@ class Writer:
     def close(self, history: Sequence[Mapping[str, float]]) -> None:
         if not self.active:
             return
-        plot_curves(history, ["loss", "noise_loss", "facial_loss", "grad_norm"],
-                    self.workdir / "loss_curves.png")
+        plot_curves(history, ["loss", "noise_loss", "facial_loss", "grad_norm"], self.run.curves)
         self._tb.close()
         self._jsonl.close()

@@ -6,7 +6,6 @@ the latest checkpoint in DIR; exports the trained weights to the PyTorch layout 
 from __future__ import annotations
 
 import os
-import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -43,6 +42,7 @@ def main(argv):
     import jax
 
     from cid_jax import export, trainer
+    from cid_jax.run import RunDir
 
     config = _CONFIG.value
     logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
@@ -53,7 +53,7 @@ def main(argv):
         logging.info("preempted at step %d; rerun the same command to resume", result.step)
         return
     if config.train.export_at_end and jax.process_index() == 0:
-        out = export.export_run(config, result.trainable, pathlib.Path(_WORKDIR.value), result.step)
+        out = export.export_run(config, result.trainable, RunDir(_WORKDIR.value), result.step)
         logging.info("exported PyTorch weights: %s", out)
 
 

@@ -8,6 +8,8 @@ state likewise; one jitted step (explicit in/out shardings, donated state) compu
 
 orbax saves the state with the config and the data position (= the step: the input pipeline is
 deterministic in (seed, step)); a restart resumes from the latest checkpoint, SIGTERM saves and exits.
+The run directory is `cid_jax.run`'s, the batches come from `cid_jax.data`, the model and its
+weights from `cid_jax.build`.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from cid_jax import losses, schedulers, sharding
-from cid_jax.models import build as build_lib
+from cid_jax import build as build_lib
+from cid_jax import losses, run as run_lib, schedulers, sharding
 from cid_jax.models.consistentid import ConsistentID
 
 
@@ -60,10 +62,7 @@ def validate(config) -> None:
     """Fails before any compile, with the fix in the message, when the config cannot run."""
     step_batch(config, jax.device_count())
     build_lib.frozen_dtype(config)  # raises on an unknown dtype name
-    problems = build_lib.missing_weight_folders(config)
-    if problems:
-        raise FileNotFoundError("base model weights not found:\n  " + "\n  ".join(problems)
-                                + "\nPoint the config at local copies (see README 'Weights').")
+    build_lib.check_weight_folders(config)
     if config.model.facial_loss_mode not in ("cross", "self", "none"):
         raise ValueError("--config.model.facial_loss_mode must be 'cross' (paper), 'self' (reference "
                          "training code) or 'none'")
@@ -162,15 +161,6 @@ class Placement:
         return sharding.batch_sharding(self.mesh, ndim)
 
 
-def abstract_trees(model: ConsistentID, tx, key):
-    """Boxed (logically annotated) abstract frozen/trainable trees and the abstract opt state."""
-    frozen = jax.eval_shape(lambda k: build_lib.init_frozen_random(model, k, unbox=False), key)
-    trainable = jax.eval_shape(
-        lambda k: build_lib.init_trainable(model, flax.linen.meta.unbox(
-            build_lib.init_frozen_random(model, k)), k, unbox=False), key)
-    return frozen, trainable
-
-
 def new_state(params, tx) -> TrainState:
     """Step 0 with fresh optimizer state (pure: jit it with shardings, or eval_shape it)."""
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -182,8 +172,8 @@ def place(trainable, frozen, tx, placement: Placement) -> tuple[TrainState, Any]
     return state, jax.device_put(frozen, placement.frozen)
 
 
-def make_placement(model: ConsistentID, tx, mesh: Mesh, key) -> Placement:
-    frozen_abs, train_abs = abstract_trees(model, tx, key)
+def make_placement(model: ConsistentID, tx, mesh: Mesh) -> Placement:
+    frozen_abs, train_abs = build_lib.abstract_frozen(model), build_lib.abstract_trainable(model)
     frozen_sh = sharding.param_shardings(frozen_abs, mesh)
     train_sh = sharding.param_shardings(train_abs, mesh)
     opt_abs = jax.eval_shape(tx.init, flax.linen.meta.unbox(train_abs))
@@ -194,117 +184,28 @@ def make_placement(model: ConsistentID, tx, mesh: Mesh, key) -> Placement:
     return Placement(mesh, frozen_sh, state_sh)
 
 
-def batch_spec(config, model: ConsistentID, batch: int | None = None) -> dict:
-    """Shapes and dtypes of one global training batch (the input pipeline's contract)."""
-    b = batch or config.train.global_batch
-    r, m = config.data.resolution, config.data.mask_resolution
-    clip = model.vision.config.image_size
-    f32, i32 = np.float32, np.int32
-    spec = dict(
-        pixel_values=((b, r, r, 3), f32), clip_image=((b, clip, clip, 3), f32),
-        part_clip_images=((b, 5, clip, clip, 3), f32), facial_masks=((b, 5, m, m), f32),
-        foreground_mask=((b, r, r), f32), input_ids=((b, 77), i32), facial_token_mask=((b, 77), bool),
-        facial_token_idx=((b, 5), i32), facial_token_idx_mask=((b, 5), bool), id_embedding=((b, 512), f32),
-        use_foreground_loss=((b,), bool))
-    if model.is_sdxl:
-        spec["time_ids"] = ((b, 6), f32)
-    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
-
-
 def global_batch(local: Mapping[str, np.ndarray], placement: Placement) -> dict:
     """Host-local numpy batch -> global jax.Arrays sharded over the batch axis (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(placement.batch(np.ndim(v)), np.asarray(v))
             for k, v in local.items()}
 
 
-def dataset_dir(config, workdir: pathlib.Path) -> pathlib.Path:
-    """The built FGID dataset: `data.path`, or synthetic faces built once into <workdir>/data."""
-    from cid_jax.data import builder
+def input_batches(config, run: run_lib.RunDir) -> Callable[[int], Iterator]:
+    """start_step -> this host's numpy batches from the data layer (the dataset built first by
+    process 0 when the config asks for synthetic faces)."""
+    from cid_jax.data import builder, pipeline
 
-    if config.data.path:
-        built = list(builder.dataset_dirs(config.data.path))
-        if (pathlib.Path(config.data.path) / "dataset_info.json").exists():
-            return pathlib.Path(config.data.path)
-        if len(built) == 1:
-            return built[0]
-        raise FileNotFoundError(
-            f"--config.data.path={config.data.path} holds {len(built)} built datasets "
-            f"({[str(b) for b in built]}); point it at one (a folder with dataset_info.json)")
-    if not config.data.synthetic:
-        raise ValueError("no training data: set --config.data.path to a built FGID dataset "
-                         "(python -m cid_jax.data.synthetic, or the builders in cid_jax.data.builder) "
-                         "or --config.data.synthetic=N for N synthetic faces")
-    data_dir = workdir / "data"
     if jax.process_index() == 0:
-        logging.info("building %d synthetic faces into %s (once)", config.data.synthetic, data_dir)
-        builder.build_synthetic(data_dir, num=config.data.synthetic, seed=config.seed,
-                                size=max(config.data.resolution, 128), progress=False)
+        data_dir = builder.dataset_for(config, run.root)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("synthetic dataset built")
-    return builder.report_of(next(iter(builder.dataset_dirs(data_dir)))).dataset_dir
-
-
-def fgid_batches(config, workdir: pathlib.Path) -> Callable[[int], Iterator]:
-    """start_step -> this host's numpy batches from the tf.data pipeline (deterministic in
-    (seed, step), so a resumed run sees exactly the batches it would have seen)."""
-    from cid_jax.data import pipeline
-
-    folder = dataset_dir(config, workdir)
-    cfg = pipeline.PipelineConfig(
-        global_batch_size=config.train.global_batch,
-        resolution=config.data.resolution, mask_resolution=config.data.mask_resolution,
-        seed=config.seed, pairing=config.data.pairing, drop_prob=config.data.drop_prob,
-        foreground_loss_prob=config.data.foreground_loss_prob,
-        max_text_length=config.data.max_text_length, prefetch=config.data.prefetch,
-        num_parallel_calls=config.data.num_parallel_calls)
-    keys = set(batch_spec(config, build_lib.build_modules(config)))
-
-    def batches(start_step: int):
-        for b in pipeline.batches(folder, cfg, start_step=start_step, process_index=jax.process_index(),
-                                  process_count=jax.process_count()):
-            yield {k: v for k, v in b.items() if k in keys}
-
-    return batches
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: pathlib.Path, config):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=config.checkpoint.every_steps, max_to_keep=config.checkpoint.keep,
-        enable_async_checkpointing=config.checkpoint.get("async_save", True), create=True)
-    return ocp.CheckpointManager(str((workdir / "checkpoints").absolute()), options=options,
-                                 item_names=("state", "meta"))
-
-
-def save(manager, state: TrainState, config, *, force: bool = False) -> bool:
-    import orbax.checkpoint as ocp
-
-    step = int(jax.device_get(state.step))
-    meta = dict(step=step, data_position=step, seed=config.seed, config=config.to_json())
-    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=force)
-
-
-def restore_latest(manager, abstract_state: TrainState):
-    """(state, meta) of the newest checkpoint, or (None, None) when there is none."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None, None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
-
-
-def _abstract_like(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        multihost_utils.sync_global_devices("dataset ready")
+    if jax.process_index() != 0:
+        data_dir = builder.dataset_for(config, run.root, create=False)
+    return lambda start: pipeline.train_batches(config, data_dir, start_step=start,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count())
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -343,29 +244,39 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     default the FGID tf.data pipeline from `config.data`."""
     from cid_jax import observe
 
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    run = run_lib.RunDir(workdir)
+    run.root.mkdir(parents=True, exist_ok=True)
     validate(config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    key = jax.random.key(config.seed)
-    k_model, k_step = jax.random.split(key)
     tx = make_optimizer(config)
+    step_key = build_lib.stream_key(config, "step")
 
-    logging.info("building models (%s)", "tiny random" if config.model.get("tiny") else config.model.base)
-    model, frozen, trainable = build_lib.build(config, k_model)
-    placement = make_placement(model, tx, mesh, k_model)
-    state, frozen = place(trainable, frozen, tx, placement)
-    del trainable
-
-    manager = checkpoint_manager(workdir, config)
-    restored, meta = restore_latest(manager, _abstract_like(state))
+    t0 = time.perf_counter()
+    logging.info("building models (%s)", config.model.base or f"random {config.model.preset} preset")
+    model = build_lib.build_modules(config)
+    placement = make_placement(model, tx, mesh)
+    manager = run_lib.checkpoint_manager(run, config)
+    abstract_state = jax.eval_shape(lambda p: new_state(p, tx), build_lib.abstract_trainable(model, boxed=False))
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  abstract_state, placement.state)
+    frozen32 = run_lib.frozen_weights(model, config, run)
+    restored, meta = run_lib.restore_latest(manager, abstract_state)
     if restored is not None:
         state = restored
         logging.info("resumed from step %d (data position %d)", int(state.step), meta["data_position"])
+        frozen = jax.device_put(build_lib.cast_floating(frozen32, build_lib.frozen_dtype(config)), placement.frozen)
+    else:
+        trainable = run_lib.initial_trainable(model, config, frozen32["unet"])
+        state, frozen = place(trainable, build_lib.cast_floating(frozen32, build_lib.frozen_dtype(config)), tx,
+                              placement)
+        del trainable
+    del frozen32
+    run_lib.write_config(run, config)
     start = int(jax.device_get(state.step))
+    logging.info("models built and placed in %.1f s", time.perf_counter() - t0)
 
     if batches is None:
-        batches = fgid_batches(config, workdir)
+        batches = input_batches(config, run)
     it = batches(start)
     first = next(it, None)
     if first is None:
@@ -373,12 +284,12 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     first = global_batch(first, placement)
     jitted = jit_train_step(model, tx, config, placement, {k: v.ndim for k, v in first.items()})
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, frozen, first, k_step).compile()
+    compiled = jitted.lower(state, frozen, first, step_key).compile()
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     logging.info("train step compiled in %.1f s (%.3g GFLOP per device per step)",
                  time.perf_counter() - t0, flops / 1e9)
 
-    writer = observe.Writer(workdir, config, mesh)
+    writer = observe.Writer(run, mesh)
     preempt = _Preemption()
     history, step, preempted = [], start, False
     total = config.train.num_steps
@@ -389,7 +300,7 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
         while step < total:
             batch = pending_batch if pending_batch is not None else global_batch(next(it), placement)
             pending_batch = None
-            state, metrics = compiled(state, frozen, batch, k_step)
+            state, metrics = compiled(state, frozen, batch, step_key)
             step += 1
             if step % config.train.log_every == 0 or step == total or step == start + 1:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
@@ -405,7 +316,7 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
             if config.train.image_every and step % config.train.image_every == 0:
                 writer.attention_images(step, model, frozen, state.params, batch)
             progress.update(1)
-            save(manager, state, config)
+            run_lib.save(manager, state, config)
             if preempt.requested:
                 preempted = True
                 break
@@ -415,10 +326,10 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
         # The last step is always on disk: at the end, on SIGTERM, and on an exception.
         if manager.latest_step() != step:
             try:
-                save(manager, state, config, force=True)
+                run_lib.save(manager, state, config, force=True)
             except Exception as e:  # e.g. the state was donated to a step that failed
                 logging.error("could not save the final checkpoint at step %d: %s", step, e)
         manager.wait_until_finished()
         manager.close()
         writer.close(history)
-    return RunResult(step, history, workdir, preempted, jax.device_get(state.params))
+    return RunResult(step, history, run.root, preempted, jax.device_get(state.params))

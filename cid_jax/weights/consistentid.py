@@ -7,22 +7,23 @@ The reference checkpoint (spec §5) has three groups, each a flat PyTorch state 
     adapter_modules    {i}.to_q_lora.down.weight ... {i}.to_k_ip.weight, where i is the processor's
                        position in diffusers' `unet.attn_processors` (down, up, mid; attn1 then attn2)
 
-Our side is a dict of three Flax trees (`ConsistentIDParams`):
+Our side is the trainable tree of the model (`cid_jax.models.consistentid.TRAINABLE_GROUPS`):
 
-    {"facial_encoder": FacialEncoder params,
-     "image_proj":     ProjPlus params,
-     "adapters":       UNet-shaped tree holding only `<attention path>/processor/...` subtrees,
-                       e.g. down_blocks_0/attentions_0/transformer_blocks_0/attn2/processor/to_k_ip/kernel}
+    {"facial_encoder":  FacialEncoder params,
+     "image_proj":      ProjPlus params,
+     "adapter_modules": UNet-shaped tree holding only `<attention path>/processor/...` subtrees,
+                        e.g. down_blocks_0/attentions_0/transformer_blocks_0/attn2/processor/to_k_ip/kernel}
 
-`adapters` merges straight into the UNet's param tree (models/partition.py `merge`).
+`adapter_modules` merges straight into the UNet's param tree (`cid_jax.models.trainable.merge`).
 
 Everything is derived from a `CheckpointLayout` (UNet attention sites + widths): `reference_keys`
 writes the key table from the spec by hand, the module trees come from `jax.eval_shape` of the
 modules, and every export is checked against both, so the two derivations guard each other.
 
 Files: the reference nested pickle `.bin` (torch.save of OrderedDicts; the only thing the reference
-SD1.5 loader reads), flat `.safetensors` with `<group>.` prefixes (needs no torch; the SDXL loader
-reads it), and IP-Adapter FaceID-Plus/PlusV2 SD1.5 checkpoints (`image_proj` + `ip_adapter`, same
+SD1.5 loader reads), flat `.safetensors` with the reference's flat-file prefixes `FacialEncoder.`,
+`image_proj_model.`, `adapter_modules.` (needs no torch; the reference SDXL pipeline and its convert
+script read those names, for SD1.5 too), and IP-Adapter FaceID-Plus/PlusV2 SD1.5 checkpoints (`image_proj` + `ip_adapter`, same
 layout) as an initialisation. Writes are atomic. Metadata (base model, pairing mode, step, dtype)
 goes into the safetensors header; for `.bin` it goes into a sidecar `<file>.json`, so the pickle
 holds exactly the reference's three top-level keys (see `save_reference_bin`).
@@ -39,34 +40,31 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from flax import traverse_util
 
+from cid_jax import cli
+from cid_jax.models import presets
+from cid_jax.models.consistentid import TRAINABLE_GROUPS
+from cid_jax.models.sites import ProcessorSite, processor_sites, site_name_to_flax_path
 from cid_jax.weights.state_dict import (StateDict, WeightsError, export_from, load_into,
-                                        atomic_write, read_state_dict, torch_component,
-                                        write_safetensors_atomic)
+                                        atomic_write, read_state_dict, write_safetensors_atomic)
 
 FACIAL_ENCODER, ADAPTERS = "FacialEncoder", "adapter_modules"
 IMAGE_PROJ_SD15, IMAGE_PROJ_SDXL = "image_proj", "image_proj_model"
 IP_ADAPTER = "ip_adapter"  # IP-Adapter FaceID-Plus's name for the adapter group
-OUR_GROUPS = ("facial_encoder", "image_proj", "adapters")
+OUR_GROUPS = TRAINABLE_GROUPS  # ("facial_encoder", "image_proj", "adapter_modules")
 PAIRING_MODES = ("reference", "by_name")
+# The group prefixes of a flat `.safetensors` (the reference's convert script and SDXL pipeline).
+FLAT_GROUP_NAMES = {FACIAL_ENCODER: FACIAL_ENCODER, IMAGE_PROJ_SD15: IMAGE_PROJ_SDXL,
+                    IMAGE_PROJ_SDXL: IMAGE_PROJ_SDXL, ADAPTERS: ADAPTERS}
 
 
 # ====================================================================================== layout
 
 
 @dataclasses.dataclass(frozen=True)
-class ProcessorSite:
-    """One UNet attention as the reference checkpoint indexes it."""
-    index: int              # position in diffusers' unet.attn_processors
-    name: str               # diffusers name without '.processor'
-    is_cross: bool          # attn2
-    hidden_size: int
-
-
-@dataclasses.dataclass(frozen=True)
 class CheckpointLayout:
     """Everything that fixes the reference key set and shapes."""
     base: str                             # "sd15", "sdxl" or a free label for custom UNets
-    image_proj_key: str                   # top-level name of the ProjPlus group in exports
+    image_proj_key: str                   # top-level name of the ProjPlus group in `.bin` exports
     cross_attention_dim: int              # C: UNet context width = ID token width = FacialEncoder E
     sites: tuple[ProcessorSite, ...]
     rank: int = 128
@@ -86,108 +84,23 @@ class CheckpointLayout:
         return {s.name: s for s in self.sites}
 
 
-def _field(config, name, default=None):
-    if isinstance(config, Mapping):
-        return config.get(name, default)
-    return getattr(config, name, default)
-
-
-def _per_block(value, n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
-
-
-def processor_sites(unet_config) -> tuple[ProcessorSite, ...]:
-    """All attention sites of a UNet2DConditionModel in `unet.attn_processors` order.
-
-    `unet_config`: a diffusers config dict (`unet/config.json`) or an object with the same fields
-    (`cid_jax.models.unet.UNetConfig`). diffusers registers `down_blocks`, then `up_blocks`, then
-    `mid_block`; inside each: attentions[j].transformer_blocks[t].attn1, attn2. Up blocks have
-    layers_per_block + 1 attentions and use the reversed per-block depths.
-    """
-    channels = tuple(_field(unet_config, "block_out_channels"))
-    n = len(channels)
-    down_types = tuple(_field(unet_config, "down_block_types"))
-    up_types = tuple(_field(unet_config, "up_block_types"))
-    layers = _field(unet_config, "layers_per_block", 2)
-    if isinstance(layers, (list, tuple)):
-        if len(set(layers)) != 1:
-            raise ValueError(f"per-block layers_per_block {layers} is not supported")
-        layers = layers[0]
-    depths = _per_block(_field(unet_config, "transformer_layers_per_block", 1), n)
-    mid_type = _field(unet_config, "mid_block_type", "UNetMidBlock2DCrossAttn")
-
-    names: list[tuple[str, int]] = []
-
-    def block(prefix: str, num_attn: int, depth: int, hidden: int):
-        for j in range(num_attn):
-            for t in range(depth):
-                for which in ("attn1", "attn2"):
-                    names.append((f"{prefix}.attentions.{j}.transformer_blocks.{t}.{which}", hidden))
-
-    for i, kind in enumerate(down_types):
-        if kind.startswith("CrossAttn"):
-            block(f"down_blocks.{i}", layers, depths[i], channels[i])
-    rev_channels, rev_depths = channels[::-1], depths[::-1]
-    for i, kind in enumerate(up_types):
-        if kind.startswith("CrossAttn"):
-            block(f"up_blocks.{i}", layers + 1, rev_depths[i], rev_channels[i])
-    if mid_type is not None:
-        block("mid_block", 1, depths[-1], channels[-1])
-    return tuple(ProcessorSite(k, name, name.endswith("attn2"), h) for k, (name, h) in enumerate(names))
-
-
-# The diffusers config fields that fix the attention sites of the two base models.
-SD15_UNET_CONFIG = dict(
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, transformer_layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768)
-SDXL_UNET_CONFIG = dict(
-    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048)
-
-
 def layout_for(unet_config, *, base: str = "custom", image_proj_key: Optional[str] = None,
-               rank: int = 128, num_tokens: int = 4) -> CheckpointLayout:
-    """The checkpoint layout for a UNet config; SDXL-sized contexts (2048) export `image_proj_model`."""
-    c = int(_field(unet_config, "cross_attention_dim"))
+               rank: int = 128, num_tokens: int = 4, **sizes) -> CheckpointLayout:
+    """The checkpoint layout for a UNet config (`unet/config.json` dict or a UNetConfig); SDXL
+    exports name the ProjPlus group `image_proj_model`. `sizes`: clip_dim, fe_dim, fe_depth, fe_heads."""
+    c = int(unet_config["cross_attention_dim"] if isinstance(unet_config, Mapping)
+            else unet_config.cross_attention_dim)
     if image_proj_key is None:
         image_proj_key = IMAGE_PROJ_SDXL if base == "sdxl" else IMAGE_PROJ_SD15
-    return CheckpointLayout(base, image_proj_key, c, processor_sites(unet_config), rank, num_tokens)
+    return CheckpointLayout(base, image_proj_key, c, processor_sites(unet_config), rank, num_tokens, **sizes)
 
 
-SD15 = layout_for(SD15_UNET_CONFIG, base="sd15")
-SDXL = layout_for(SDXL_UNET_CONFIG, base="sdxl")
+SD15 = layout_for(presets.SD15_UNET, base="sd15")
+SDXL = layout_for(presets.SDXL_UNET, base="sdxl")
 LAYOUTS = {"sd15": SD15, "sdxl": SDXL}
 
 
 # ======================================================================= names: flax <-> torch
-
-
-def site_name_to_flax_path(name: str) -> tuple[str, ...]:
-    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2' -> ('down_blocks_1', ..., 'attn2')."""
-    parts, out, i = name.split("."), [], 0
-    while i < len(parts):
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            out.append(f"{parts[i]}_{parts[i + 1]}")
-            i += 2
-        else:
-            out.append(parts[i])
-            i += 1
-    return tuple(out)
-
-
-def flax_path_to_site_name(path: Sequence[str]) -> str:
-    """Inverse of `site_name_to_flax_path` (list names only: down_blocks_1 -> down_blocks.1)."""
-    return ".".join(torch_component(p) for p in path)
-
-
-def processor_order_key(name: str) -> tuple:
-    """Sort key giving diffusers' attn_processors order for site names (down, up, mid)."""
-    parts = name.split(".")
-    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}[parts[0]]
-    numbers = tuple(int(p) for p in parts if p.isdigit())
-    return (group,) + numbers + (parts[-1],)
 
 
 def _leaf(name: str) -> str:
@@ -327,7 +240,7 @@ def abstract_params(layout: CheckpointLayout, groups: Iterable[str] = OUR_GROUPS
                       clip_embeddings_dim=layout.clip_dim, num_tokens=layout.num_tokens)
         v = jax.eval_shape(ip.init, key, jnp.zeros((1, layout.id_dim)), jnp.zeros((1, 2, layout.clip_dim)))
         out["image_proj"] = _unboxed_shapes(v["params"])
-    if "adapters" in groups:
+    if ADAPTERS in groups:
         plan = consistentid_plan(rank=layout.rank, num_tokens=layout.num_tokens, capture="none")
         per_kind: dict[tuple[bool, int], Any] = {}
         adapters: dict[tuple[str, ...], Any] = {}
@@ -342,7 +255,7 @@ def abstract_params(layout: CheckpointLayout, groups: Iterable[str] = OUR_GROUPS
                 per_kind[kind] = _unboxed_shapes(v["params"]["processor"])
             for sub, leaf in traverse_util.flatten_dict(per_kind[kind]).items():
                 adapters[site_name_to_flax_path(s.name) + ("processor",) + sub] = leaf
-        out["adapters"] = traverse_util.unflatten_dict(adapters)
+        out[ADAPTERS] = traverse_util.unflatten_dict(adapters)
     return out
 
 
@@ -398,7 +311,7 @@ def export_reference(params: Mapping, layout: CheckpointLayout, *, dtype="fp32",
                      partial: bool = False) -> dict[str, StateDict]:
     """Our params -> the reference groups `{FacialEncoder, image_proj[_model], adapter_modules}`.
 
-    `params["adapters"]` may be a full UNet tree: only its `processor` subtrees are exported. Each
+    `params["adapter_modules"]` may be a full UNet tree: only its `processor` subtrees are exported. Each
     group is ordered like the reference state dict; keys and shapes are checked against the table.
     All three groups are required unless `partial` (then the groups that are not None are exported;
     the reference loaders need all three).
@@ -414,8 +327,8 @@ def export_reference(params: Mapping, layout: CheckpointLayout, *, dtype="fp32",
         raw[FACIAL_ENCODER] = export_from(params["facial_encoder"], key_fn=_module_key_fn, dtype=dtype)
     if params.get("image_proj") is not None:
         raw[layout.image_proj_key] = export_from(params["image_proj"], key_fn=_module_key_fn, dtype=dtype)
-    if params.get("adapters") is not None:
-        raw[ADAPTERS] = export_from(processor_subtree(params["adapters"]), key_fn=adapter_key_fn(layout),
+    if params.get(ADAPTERS) is not None:
+        raw[ADAPTERS] = export_from(processor_subtree(params[ADAPTERS]), key_fn=adapter_key_fn(layout),
                                     dtype=dtype)
     _check_against_table(raw, layout, "export does not match the reference key table", partial=True)
     table = reference_keys(layout)
@@ -433,7 +346,7 @@ def import_reference(groups: Mapping[str, StateDict], layout: CheckpointLayout, 
     sources = {
         "facial_encoder": [FACIAL_ENCODER],
         "image_proj": [IMAGE_PROJ_SD15, IMAGE_PROJ_SDXL],
-        "adapters": [ADAPTERS, IP_ADAPTER],
+        ADAPTERS: [ADAPTERS, IP_ADAPTER],
     }
     known = {name for names in sources.values() for name in names}
     unknown = sorted(set(groups) - known)
@@ -452,7 +365,7 @@ def import_reference(groups: Mapping[str, StateDict], layout: CheckpointLayout, 
             continue
         name = present[0]
         abstract = abstract_params(layout, [ours])
-        key_fn = adapter_key_fn(layout) if ours == "adapters" else _module_key_fn
+        key_fn = adapter_key_fn(layout) if ours == ADAPTERS else _module_key_fn
         out[ours] = load_into(abstract[ours], groups[name], what=f"{name} ({layout.base})", key_fn=key_fn)
     return out
 
@@ -516,7 +429,7 @@ def load_checkpoint(path: os.PathLike, layout: Optional[CheckpointLayout] = None
     """Reads a reference ConsistentID or IP-Adapter FaceID-Plus file into our params.
 
     Returns (params, layout); the layout is detected when not given. For an IP-Adapter
-    checkpoint pass `required=("image_proj", "adapters")` (its facial_encoder comes back None).
+    checkpoint pass `required=("image_proj", "adapter_modules")` (its facial_encoder comes back None).
     """
     groups = read_groups(path)
     layout = layout or detect_layout(groups)
@@ -544,8 +457,10 @@ def sidecar_path(path: os.PathLike) -> pathlib.Path:
 
 def save_safetensors(groups: Mapping[str, StateDict], path: os.PathLike,
                      metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Flat `<group>.<key>` safetensors (no torch needed), metadata in the header, atomic."""
-    flat = {f"{g}.{k}": v for g, sd in groups.items() for k, v in sd.items()}
+    """Flat `<group>.<key>` safetensors (no torch needed), metadata in the header, atomic. The group
+    prefixes are the reference's flat-file names (`FLAT_GROUP_NAMES`: `image_proj_model.` for
+    SD1.5 too), which its convert script and SDXL pipeline read."""
+    flat = {f"{FLAT_GROUP_NAMES.get(g, g)}.{k}": v for g, sd in groups.items() for k, v in sd.items()}
     write_safetensors_atomic(flat, path, metadata=metadata)
 
 
@@ -591,6 +506,9 @@ def verify_written(path: os.PathLike, expected: Mapping[str, StateDict], layout:
     path = pathlib.Path(path)
     if path.suffix == ".safetensors":
         groups = read_groups(path)
+        proj = [g for g in (IMAGE_PROJ_SD15, IMAGE_PROJ_SDXL) if g in groups]
+        if proj and proj[0] != layout.image_proj_key:  # the flat name, for either base model
+            groups[layout.image_proj_key] = groups.pop(proj[0])
     else:  # one torch.load: the nesting itself is part of the format
         import torch
 
@@ -642,8 +560,10 @@ def load_params_msgpack(path: os.PathLike) -> tuple[dict, dict[str, str]]:
     tree = dict(read_msgpack(path))
     raw = tree.pop("__metadata__", None)
     meta = json.loads(np.asarray(raw, np.uint8).tobytes().decode()) if raw is not None else {}
-    if "unet" in tree and "adapters" not in tree:
-        tree["adapters"] = processor_subtree(tree.pop("unet"))
+    # Older params files: the adapters under "adapters", or inside a whole UNet tree under "unet".
+    for legacy in ("adapters", "unet"):
+        if legacy in tree and ADAPTERS not in tree:
+            tree[ADAPTERS] = processor_subtree(tree.pop(legacy))
     unknown = sorted(set(tree) - set(OUR_GROUPS))
     if unknown:
         raise WeightsError(f"{path}: unexpected top-level entries {unknown}; expected {OUR_GROUPS}")
@@ -656,7 +576,7 @@ def check_params(params: Mapping, layout: CheckpointLayout) -> None:
     abstract = abstract_params(layout, present)
     problems = []
     for g in present:
-        tree = processor_subtree(params[g]) if g == "adapters" else params[g]
+        tree = processor_subtree(params[g]) if g == ADAPTERS else params[g]
         have = {"/".join(p): tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(tree).items()}
         want = {"/".join(p): tuple(v.shape) for p, v in traverse_util.flatten_dict(abstract[g]).items()}
         for p in sorted(set(want) - set(have))[:10]:
@@ -672,17 +592,15 @@ def check_params(params: Mapping, layout: CheckpointLayout) -> None:
 
 def load_params(source: os.PathLike, layout: Optional[CheckpointLayout] = None,
                 ) -> tuple[dict, dict[str, str], CheckpointLayout]:
-    """Our params from any supported source: (params, metadata, layout).
+    """Our params from a weights file: (params, metadata, layout).
 
     * `*.msgpack`: our params file (`save_params_msgpack`);
     * `*.safetensors` / `*.bin`: a reference-layout ConsistentID checkpoint (ours or released);
-    * a directory: the params file inside it (`params.msgpack`, else one `*.safetensors`/`*.bin`).
-      A training workdir (or its `checkpoints/`) is read through orbax: its newest step.
+    * a directory holding exactly one such file (`params.msgpack` first).
+    Training run directories are read by `cid_jax.run`, which sits above this layer.
     """
     source = pathlib.Path(source)
     if source.is_dir():
-        if _looks_like_orbax(source):
-            return _read_orbax(source, layout)
         candidates = [source / "params.msgpack"] if (source / "params.msgpack").exists() else sorted(
             p for p in source.iterdir() if p.suffix in (".msgpack", ".safetensors", ".bin"))
         if len(candidates) != 1:
@@ -690,7 +608,7 @@ def load_params(source: os.PathLike, layout: Optional[CheckpointLayout] = None,
                                f"*.bin), found {[p.name for p in candidates]}")
         source = candidates[0]
     if not source.exists():
-        raise FileNotFoundError(f"checkpoint not found: {source}")
+        raise cli.MissingError(f"checkpoint not found: {source}")
     if source.suffix == ".msgpack":
         params, meta = load_params_msgpack(source)
         layout = layout or _layout_from_params(params)
@@ -701,8 +619,8 @@ def load_params(source: os.PathLike, layout: Optional[CheckpointLayout] = None,
 
 
 def _layout_from_params(params: Mapping) -> CheckpointLayout:
-    if params.get("adapters") is not None:
-        count = sum(1 for p in traverse_util.flatten_dict(processor_subtree(params["adapters"]))
+    if params.get(ADAPTERS) is not None:
+        count = sum(1 for p in traverse_util.flatten_dict(processor_subtree(params[ADAPTERS]))
                     if p[-3:] == ("to_q_lora", "down", "kernel"))
         for layout in LAYOUTS.values():
             if count == len(layout.sites):
@@ -710,26 +628,46 @@ def _layout_from_params(params: Mapping) -> CheckpointLayout:
     raise WeightsError("cannot tell the layout (SD1.5/SDXL) of these params: pass it explicitly")
 
 
-def _looks_like_orbax(folder: pathlib.Path) -> bool:
-    """An orbax checkpoint/step directory, or a training workdir (config.json + checkpoints/)."""
-    if (folder / "checkpoints").is_dir():
-        return True
-    markers = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "_sharding")
-    return any((folder / m).exists() for m in markers) or any(
-        p.is_dir() and p.name.isdigit() for p in folder.iterdir())
+def import_to_params_file(source: os.PathLike, out: os.PathLike, *, layout: Optional[str] = None,
+                          pairing: Optional[str] = None) -> tuple[dict, dict[str, str], CheckpointLayout]:
+    """`convert/from_pytorch.py`: a reference ConsistentID or IP-Adapter FaceID-Plus file -> our params
+    msgpack, read back and compared bit for bit (removed if that fails). Returns (params, metadata,
+    layout); an IP-Adapter file gives image_proj and adapter_modules only (facial_encoder None)."""
+    out = pathlib.Path(out)
+    if out.suffix != ".msgpack":
+        raise WeightsError(f"--out must be a .msgpack file, got {out}")
+    groups = read_groups(source)
+    lay = LAYOUTS[layout] if layout else detect_layout(groups)
+    ip_adapter = IP_ADAPTER in groups
+    params = import_reference(groups, lay, required=("image_proj", ADAPTERS) if ip_adapter else OUR_GROUPS)
+    meta = read_metadata(source)
+    metadata = {"layout": lay.base, "source": str(source),
+                "source_kind": "ip_adapter_faceid_plus" if ip_adapter else "consistentid",
+                "pairing": pairing or meta.get("pairing", "reference"),
+                "step": meta.get("step", "unknown"), "base_model": meta.get("base_model", "unknown")}
+    save_params_msgpack(params, out, metadata)
+    try:
+        _check_params_file(out, params, metadata, lay)
+    except Exception:  # never leave a file behind that failed its self-check
+        out.unlink(missing_ok=True)
+        raise
+    return params, metadata, lay
 
 
-def _read_orbax(folder: pathlib.Path, layout):
-    """A training workdir (or its checkpoints/ folder): the newest step's trainable params."""
-    from cid_jax import export
-    from cid_jax.models.build import build_modules
-
-    workdir = folder.parent if folder.name == "checkpoints" else folder
-    config, trainable, step = export.restore_trainable(workdir)
-    run_layout = export.layout_for_config(config, build_modules(config))
-    if layout is not None and layout != run_layout:
-        raise WeightsError(f"{workdir} was trained with layout {run_layout.base!r}, not {layout.base!r}")
-    params = export.to_export_groups(trainable)
-    meta = make_metadata(run_layout, base_model=config.model.base or "tiny-random",
-                         pairing=config.data.pairing, step=step, dtype="fp32")
-    return params, meta, run_layout
+def _check_params_file(out, params, metadata, layout):
+    """Reads `out` back: same groups and leaves bit for bit, shapes fit the layout, same metadata."""
+    back, back_meta = load_params_msgpack(out)
+    check_params(back, layout)
+    for g in OUR_GROUPS:
+        if (params[g] is None) != (back[g] is None):
+            raise WeightsError(f"{out}: group {g} did not survive the round trip")
+        if params[g] is None:
+            continue
+        a, b = traverse_util.flatten_dict(params[g]), traverse_util.flatten_dict(back[g])
+        if set(a) != set(b):
+            raise WeightsError(f"{out}: {g} paths differ after re-reading")
+        for path in a:
+            if not np.array_equal(np.asarray(a[path]), np.asarray(b[path])):
+                raise WeightsError(f"{out}: {g}/{'/'.join(path)} differs after re-reading")
+    if back_meta != metadata:
+        raise WeightsError(f"{out}: metadata differs after re-reading")

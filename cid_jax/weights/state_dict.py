@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from cid_jax import cli
+
 StateDict = dict[str, np.ndarray]
 
 # Flax submodule names `<name>_<i>` that stand for element i of a PyTorch ModuleList/Sequential.
@@ -28,14 +30,17 @@ LIST_NAMES = frozenset({
 })
 
 
-class WeightsError(ValueError):
+class WeightsError(cli.InputError):
     """A checkpoint does not fit the model: names the keys or shapes involved."""
 
 
 # ----------------------------------------------------------------------------------------- files
 
 
-def _torch_load(path: os.PathLike) -> dict:
+def _torch_load(path: os.PathLike, mmap: bool = False) -> dict:
+    """`torch.load(weights_only=True)`: no code in the file runs. A refused pickle (one that holds
+    objects other than tensors and containers) is a `WeightsError` naming the file, never a hint to
+    switch the safety off."""
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -43,7 +48,19 @@ def _torch_load(path: os.PathLike) -> dict:
             f"Reading the pickled checkpoint {path} needs PyTorch (pip install 'cid_jax[torch]'); "
             "safetensors files need no torch."
         ) from e
-    return torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: refused to unpickle it: it holds more than tensors (only plain "
+                           f"state dicts are read, so no code from a file ever runs). {first}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        if mmap and "mmap" in str(e):  # a legacy (non-zip) pickle cannot be memory-mapped
+            return _torch_load(path, mmap=False)
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -66,34 +83,79 @@ def flatten_nested(tree: Mapping, sep: str = ".") -> dict:
     return out
 
 
+class LazyStateDict(Mapping):
+    """A read-only state dict over one or more checkpoint files that reads each tensor when it is
+    asked for and keeps none, so converting a model tensor by tensor needs about one copy of its
+    weights in host memory (safetensors: read per tensor; `.bin`: memory-mapped)."""
+
+    def __init__(self):
+        self._get: dict[str, Callable[[], np.ndarray]] = {}
+
+    def add_file(self, path: pathlib.Path) -> "LazyStateDict":
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise cli.MissingError(f"checkpoint file not found: {path}")
+        if path.suffix == ".safetensors":
+            self._add_safetensors(path)
+        elif path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
+            obj = _torch_load(path, mmap=True)
+            if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+                obj = obj["state_dict"]
+            for k, v in flatten_nested(obj).items():
+                if hasattr(v, "detach"):
+                    self._get[k] = (lambda t: lambda: _to_numpy(t))(v)
+        else:
+            raise WeightsError(f"unknown checkpoint format {path.suffix!r} for {path}")
+        return self
+
+    def _add_safetensors(self, path: pathlib.Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            handle = safe_open(str(path), framework="numpy")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+        def get(key):
+            try:
+                return handle.get_tensor(key)
+            except TypeError:  # bf16: numpy cannot hold it; widen it exactly through the flax reader
+                from safetensors.flax import safe_open as flax_open
+
+                with flax_open(str(path), framework="flax") as f:
+                    return np.asarray(f.get_tensor(key), dtype=np.float32)
+            except SafetensorError as e:
+                raise WeightsError(f"{path}: tensor {key} is unreadable ({e})") from None
+
+        for k in keys:
+            self._get[k] = (lambda key: lambda: get(key))(k)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._get[key]()
+
+    def __iter__(self):
+        return iter(self._get)
+
+    def __len__(self) -> int:
+        return len(self._get)
+
+    def __contains__(self, key) -> bool:
+        return key in self._get
+
+
 def read_state_dict(path: os.PathLike) -> StateDict:
     """Reads a `.safetensors`, `.bin`, `.pth` or `.pt` file into a flat numpy state dict.
 
     Nested pickled dicts (the reference ConsistentID `.bin`) are flattened with '.'.
     """
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        try:
-            return dict(load_file(str(path)))
-        except TypeError:  # bf16 tensors: numpy cannot hold them, go through the flax reader
-            from safetensors.flax import load_file as load_flax
-
-            return {k: np.asarray(v, dtype=np.float32) for k, v in load_flax(str(path)).items()}
-    if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
-        obj = _torch_load(path)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        flat = flatten_nested(obj)
-        return {k: _to_numpy(v) for k, v in flat.items() if hasattr(v, "detach")}
-    raise WeightsError(f"unknown checkpoint format {path.suffix!r} for {path}")
+    lazy = LazyStateDict().add_file(pathlib.Path(path))
+    return {k: np.array(lazy[k]) for k in lazy}
 
 
-def read_sharded_folder(folder: os.PathLike, stem: str) -> StateDict:
-    """Reads `<stem>.safetensors` (or `.bin`), or the shards listed in `<stem>.safetensors.index.json`.
+def read_sharded_folder(folder: os.PathLike, stem: str) -> LazyStateDict:
+    """The weights of `<stem>.safetensors` (or `.bin`), or of the shards listed in
+    `<stem>.safetensors.index.json`, as a `LazyStateDict` (read tensor by tensor).
 
     `stem` is e.g. 'diffusion_pytorch_model' or 'model'. Prefers safetensors, as diffusers does.
     """
@@ -103,15 +165,14 @@ def read_sharded_folder(folder: os.PathLike, stem: str) -> StateDict:
     for ext in (".safetensors", ".bin"):
         single = folder / f"{stem}{ext}"
         if single.exists():
-            return read_state_dict(single)
+            return LazyStateDict().add_file(single)
         index = folder / f"{stem}{ext}.index.json"
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            out: StateDict = {}
-            for shard in shards:
-                out.update(read_state_dict(folder / shard))
-            return out
-    raise FileNotFoundError(
+            lazy = LazyStateDict()
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                lazy.add_file(folder / shard)
+            return lazy
+    raise cli.MissingError(
         f"no {stem}.safetensors or {stem}.bin (or a sharded index) in {folder}: "
         "expected a folder written by save_pretrained")
 
@@ -198,19 +259,25 @@ def load_into(abstract_params, state_dict: Mapping[str, np.ndarray], *, what: st
     Errors name the keys and both shapes.
     """
     flat = traverse_util.flatten_dict(abstract_params)
-    out, used, missing, bad_shapes = {}, set(), [], []
+    out, used, missing, bad_shapes, bad_dtypes = {}, set(), [], [], []
     for path, leaf in flat.items():
         key = key_fn(path, len(leaf.shape))
         if key not in state_dict:
             missing.append(key)
             continue
-        value = torch_to_flax_array(path, np.asarray(state_dict[key]), len(leaf.shape))
+        raw = np.asarray(state_dict[key])  # one tensor at a time (state_dict may be lazy)
+        value = torch_to_flax_array(path, raw, len(leaf.shape))
         if tuple(value.shape) != tuple(leaf.shape):
-            bad_shapes.append(f"{key}: checkpoint {tuple(np.asarray(state_dict[key]).shape)} "
+            bad_shapes.append(f"{key}: checkpoint {tuple(raw.shape)} "
                               f"(as Flax {tuple(value.shape)}) vs model {tuple(leaf.shape)} at {'/'.join(path)}")
             continue
+        if not np.issubdtype(raw.dtype, np.floating):
+            bad_dtypes.append(f"{key}: checkpoint holds {raw.dtype} values where the model has a "
+                              f"floating-point weight ({'/'.join(path)})")
+            continue
         used.add(key)
-        out[path] = value.astype(dtype)
+        out[path] = np.ascontiguousarray(value, dtype=dtype)
+        del raw, value
     ignore = tuple(ignore)
     unexpected = sorted(k for k in state_dict if k not in used and not k.startswith(ignore))
     problems = []
@@ -219,6 +286,8 @@ def load_into(abstract_params, state_dict: Mapping[str, np.ndarray], *, what: st
                         + (" ..." if len(missing) > 20 else ""))
     if bad_shapes:
         problems.append(f"{len(bad_shapes)} shape mismatch(es): " + "; ".join(bad_shapes[:20]))
+    if bad_dtypes:
+        problems.append(f"{len(bad_dtypes)} dtype mismatch(es): " + "; ".join(bad_dtypes[:20]))
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:20])
                         + (" ..." if len(unexpected) > 20 else ""))

@@ -1,0 +1,154 @@
+"""What every command-line tool shares: user errors, exit codes, flag spelling, the top-level guard.
+
+Exit codes (the same for every tool):
+
+    0  done
+    1  the job ran and failed (`cid_jax.aot`: the step does not fit the chip)
+    2  bad input: a flag, config field, file format or photo that cannot work (argparse's own code)
+    3  something named does not exist: a file, folder or weights
+    4  the run directory is in use by another training process
+
+A `UserError` (`InputError` for a value that cannot work, `MissingError` for something that does
+not exist; `WeightsError`, `NoFaceFoundError`, ... are subclasses) is a problem the user can fix; the guard (`entry_point`, `guarded`) prints it as one line naming the fix, with no traceback.
+`--debug` (or `CID_DEBUG=1`) shows the traceback instead.
+
+Flags are spelled with underscores (`--image_encoder`, as absl's `--config.x.y` must be); every
+long flag also answers to its dashed spelling (`--image-encoder`), the older one of some tools.
+
+Standard library only: every layer may import it.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_MISSING = 3
+EXIT_BUSY = 4
+EXIT_NO_FACE = EXIT_USAGE  # a photo without a usable face is bad input
+
+
+class UserError(Exception):
+    """A problem the user can fix (missing file, bad option): printed without a traceback."""
+    code = EXIT_USAGE
+
+    def __init__(self, message: str, code: Optional[int] = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InputError(UserError, ValueError):
+    """A value the user gave (a flag, a config field, a file's content) cannot work."""
+
+
+class MissingError(UserError, FileNotFoundError):
+    """A file, folder or weights that the user named (or a config needs) does not exist."""
+    code = EXIT_MISSING
+
+    def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
+class BusyError(UserError):
+    """The run directory is held by another training process."""
+    code = EXIT_BUSY
+
+
+# Exceptions from the standard library that mean "the user pointed at the wrong place".
+_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def debug_requested(argv: Optional[Sequence[str]] = None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get("CID_DEBUG", "") not in ("", "0")
+
+
+def report(name: str, error: BaseException) -> int:
+    """Prints `error` as one line (plus its lines, for a multi-line message) and returns its exit code."""
+    if isinstance(error, UserError):
+        code = error.code
+    elif isinstance(error, _OS_ERRORS):
+        code = EXIT_MISSING
+    else:
+        code = EXIT_FAILED
+    message = str(error) or type(error).__name__
+    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename:
+        message = f"{error.strerror or message}: {error.filename}"
+    print(f"{name}: error: {message}", file=sys.stderr)
+    if not isinstance(error, UserError):
+        print(f"{name}: run again with --debug (or CID_DEBUG=1) for the traceback", file=sys.stderr)
+    return code
+
+
+def guarded(name: str, fn: Callable[[], int], debug: bool = False) -> int:
+    """Runs `fn`; a user error (or an OS error about a path) becomes one line and its exit code.
+    Anything else is a bug: its traceback is printed."""
+    try:
+        return fn() or EXIT_OK
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, *_OS_ERRORS) as e:
+        if debug:
+            traceback.print_exc()
+        return report(name, e)
+
+
+def entry_point(name: str):
+    """Decorates `main(argv=None) -> int` of an argparse tool with the guard; `--debug` is taken
+    out of argv here (so the tool's parser never sees it)."""
+    def wrap(main: Callable[..., int]):
+        @functools.wraps(main)
+        def run(argv: Optional[Sequence[str]] = None) -> int:
+            argv = list(sys.argv[1:] if argv is None else argv)
+            debug = debug_requested(argv)
+            argv = [a for a in argv if a != "--debug"]
+            return guarded(name, lambda: main(argv), debug)
+        return run
+    return wrap
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain messages on stderr for the argparse tools (absl tools keep absl's format)."""
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help lists each flag once, by its underscored name (the dashed alias is implied)."""
+
+    def _format_action_invocation(self, action):
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if len(longs) > 1:
+            action = argparse.Action([o for o in action.option_strings if not o.startswith("--")] + longs[:1],
+                                     action.dest, nargs=action.nargs, metavar=action.metavar)
+        return super()._format_action_invocation(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's spelling rule: each `--long_flag` also accepts `--long-flag`
+    (and a dashed declaration also accepts the underscored one); help lists the underscored one."""
+
+    def __init__(self, *args, description: Optional[str] = None, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("epilog", "Flags may be written with underscores or dashes (--image_encoder = "
+                                    "--image-encoder). --debug shows a traceback on errors.")
+        super().__init__(*args, description=description, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        longs = [n for n in names if n.startswith("--")]
+        if not longs:
+            return super().add_argument(*names, **kwargs)
+        canonical = [n[:2] + n[2:].replace("-", "_") for n in longs]
+        dashed = [n[:2] + n[2:].replace("_", "-") for n in canonical]
+        spellings = list(dict.fromkeys(canonical + dashed))
+        kwargs.setdefault("dest", canonical[0][2:])
+        others = [n for n in names if not n.startswith("--")]
+        return super().add_argument(*others, *spellings, **kwargs)
