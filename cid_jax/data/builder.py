@@ -43,6 +43,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
+from cid_jax import cli
 from cid_jax.data import features as features_lib
 
 _DESCRIPTION = "FGID-style portraits with parsing maps, captions and ArcFace embeddings (cid_jax)."
@@ -206,9 +207,9 @@ class FgidReference(_FgidBuilder, skip_registration=True):
             try:
                 items = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read the record list {path}: {e}") from e
+                raise cli.InputError(f"cannot read the record list {path}: {e}") from e
             if not isinstance(items, list):
-                raise ValueError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
+                raise cli.InputError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
             out[split] = [(str(it.get("resize_IMG", f"#{i}")) if isinstance(it, dict) else f"#{i}", it)
                           for i, it in enumerate(items)]
         return out
@@ -255,7 +256,7 @@ def read_caption_table(path: pathlib.Path) -> list[dict]:
     if path.suffix == ".json":
         rows = json.loads(path.read_text())
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows")
+            raise cli.InputError(f"{path}: expected a JSON list of rows")
         return rows
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -274,7 +275,7 @@ class FgidFolder(_FgidBuilder, skip_registration=True):
             if table.is_file():
                 break
         else:
-            raise FileNotFoundError(f"{self._source_dir} has no captions.jsonl / captions.json / captions.csv")
+            raise cli.MissingError(f"{self._source_dir} has no captions.jsonl / captions.json / captions.csv")
         rows = read_caption_table(table)
         return {"train": [(str(r.get("id", f"#{i}")), r) for i, r in enumerate(rows)]}
 
@@ -399,11 +400,48 @@ def build_from_folder(source_dir, data_dir, *, max_side=None, use_beam=False, **
 
 
 def build_synthetic(data_dir, *, num: int, seed: int = 0, size: int = 512, num_identities: int = 16,
-                    missing_embedding_prob: float = 0.0, use_beam=False, **build_kwargs) -> BuildReport:
+                    missing_embedding_prob: float = 0.0, max_side=None, use_beam=False,
+                    **build_kwargs) -> BuildReport:
     b = FgidSynthetic(num=num, seed=seed, size=size, num_identities=num_identities,
-                      missing_embedding_prob=missing_embedding_prob, use_beam=use_beam,
+                      missing_embedding_prob=missing_embedding_prob, max_side=max_side, use_beam=use_beam,
                       data_dir=os.fspath(data_dir))
     return build(b, **build_kwargs)
+
+
+class NoDataError(cli.MissingError):
+    """The config names no usable dataset (the message says which flag to set)."""
+
+
+def dataset_for(config, workdir: os.PathLike | str, *, create: bool = True) -> pathlib.Path:
+    """The built FGID dataset a training config reads: `data.path` (a built dataset, or a tfds
+    data_dir holding exactly one), or with `data.synthetic=N` N synthetic faces built once into
+    <workdir>/data (`create=False`: only find them, e.g. on the hosts that did not build them)."""
+    d = config.data
+    if d.path:
+        path = pathlib.Path(d.path)
+        if (path / "dataset_info.json").exists():
+            return path
+        if not path.exists():
+            raise NoDataError(f"--config.data.path={d.path} does not exist; build a dataset with "
+                              "python -m cid_jax.data.builder {reference,folder,synthetic} --out=DIR")
+        built = list(dataset_dirs(path))
+        if len(built) == 1:
+            return built[0]
+        raise NoDataError(f"--config.data.path={d.path} holds {len(built)} built datasets "
+                          f"({[str(b) for b in built]}); point it at one (a folder with dataset_info.json)")
+    if not d.synthetic:
+        raise NoDataError("no training data: set --config.data.path to a built FGID dataset "
+                          "(python -m cid_jax.data.builder ...) or --config.data.synthetic=N for N "
+                          "synthetic faces")
+    data_dir = pathlib.Path(workdir) / "data"
+    synthetic = FgidSynthetic(num=int(d.synthetic), seed=int(config.seed), size=max(int(d.resolution), 128),
+                              data_dir=os.fspath(data_dir))
+    if create:
+        return build(synthetic, progress=False).dataset_dir
+    found = pathlib.Path(synthetic.data_dir)
+    if not (found / "dataset_info.json").exists():
+        raise NoDataError(f"no synthetic dataset in {found} (process 0 builds it)")
+    return found
 
 
 def dataset_dirs(data_dir: os.PathLike | str) -> Iterable[pathlib.Path]:
@@ -425,13 +463,12 @@ def _beam_pipeline_options(flags: str | None):
     return PipelineOptions(shlex.split(flags))
 
 
+@cli.entry_point("builder")
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m cid_jax.data.builder",
-        description="Write an FGID dataset (TFRecord shards, tfds layout) from the reference JSON layout "
-                    "or from a prepared folder. Synthetic data: python -m cid_jax.data.synthetic.",
+        description="Write an FGID dataset (TFRecord shards, tfds layout) from the reference JSON layout, "
+                    "from a prepared folder, or of synthetic portraits.",
         epilog="At scale: --beam_runner=DirectRunner (local processes) or DataflowRunner/FlinkRunner/"
                "SparkRunner with --beam_options='--project=... --temp_location=...' (needs the `beam` extra).")
     sub = p.add_subparsers(dest="source", required=True)
@@ -443,7 +480,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref.add_argument("--faceid_root", help="root of id_embed_file_* paths (default: image_root)")
     folder = sub.add_parser("folder", help="our prepared-folder layout (see cid_jax/data/README.md)")
     folder.add_argument("--src", required=True, help="the prepared folder (captions + images/ masks/ embeddings/)")
-    for s in (ref, folder):
+    synth = sub.add_parser("synthetic", help="procedurally drawn portraits with exact parsing maps (smoke tests)")
+    synth.add_argument("--num", type=int, required=True, help="number of examples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=512, help="image side in pixels")
+    synth.add_argument("--identities", type=int, default=None, help="number of identities (default num // 8, >= 1)")
+    synth.add_argument("--missing_embedding_prob", type=float, default=0.0)
+    for s in (ref, folder, synth):
         s.add_argument("--out", required=True, help="tfds data_dir to write the dataset into")
         s.add_argument("--max_side", type=int, help="downscale images (and masks) whose longer side is larger")
         s.add_argument("--num_shards", type=int, help="TFRecord shards per split (default: tfds picks)")
@@ -457,19 +500,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(max_side=args.max_side, use_beam=use_beam, num_shards=args.num_shards,
                   progress=not args.no_progress, overwrite=args.overwrite,
                   beam_runner=args.beam_runner, beam_options=_beam_pipeline_options(args.beam_options))
-    try:
-        if args.source == "reference":
-            named = [j.split("=", 1) if "=" in j else ("train", j) for j in args.json]
-            if len({s for s, _ in named}) != len(named):
-                p.error(f"--json: each split once, as SPLIT=PATH (got {args.json})")
-            report = build_from_reference_json(dict(named), args.out, image_root=args.image_root,
-                                               parsing_root=args.parsing_root, faceid_root=args.faceid_root,
-                                               **common)
-        else:
-            report = build_from_folder(args.src, args.out, **common)
-    except (FileNotFoundError, ValueError) as e:  # an unreadable source index: nothing was written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.source == "reference":
+        named = [j.split("=", 1) if "=" in j else ("train", j) for j in args.json]
+        if len({s for s, _ in named}) != len(named):
+            p.error(f"--json: each split once, as SPLIT=PATH (got {args.json})")
+        report = build_from_reference_json(dict(named), args.out, image_root=args.image_root,
+                                           parsing_root=args.parsing_root, faceid_root=args.faceid_root,
+                                           **common)
+    elif args.source == "folder":
+        report = build_from_folder(args.src, args.out, **common)
+    else:
+        if args.num < 1:
+            p.error(f"--num must be at least 1, got {args.num}")
+        report = build_synthetic(args.out, num=args.num, seed=args.seed, size=args.size,
+                                 num_identities=args.identities or max(1, args.num // 8),
+                                 missing_embedding_prob=args.missing_embedding_prob, **common)
     print(report.summary())
     return 0
 

@@ -51,6 +51,8 @@ import tensorflow as tf
 from etils import epath
 import tensorflow_datasets as tfds
 
+from cid_jax import cli
+from cid_jax.data import batch as batch_lib
 from cid_jax.data import clip_preprocess as clip_lib
 from cid_jax.data import masks as masks_lib
 from cid_jax.data import sample as sample_lib
@@ -76,6 +78,18 @@ class PipelineConfig:
     split: str = "train"
     num_parallel_calls: int = tf.data.AUTOTUNE
     prefetch: int = 2                      # batches
+    sdxl_time_ids: bool = False            # add SDXL's `time_ids` (R, R, 0, 0, R, R)
+
+    @classmethod
+    def from_config(cls, config) -> "PipelineConfig":
+        """The pipeline of a training config (`config.data`, `config.train.global_batch`, `config.seed`)."""
+        d = config.data
+        return cls(global_batch_size=int(config.train.global_batch), resolution=int(d.resolution),
+                   mask_resolution=int(d.mask_resolution or d.resolution), seed=int(config.seed),
+                   pairing=d.pairing, drop_prob=float(d.drop_prob),
+                   foreground_loss_prob=float(d.foreground_loss_prob), max_text_length=int(d.max_text_length),
+                   num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
+                   sdxl_time_ids=config.model.variant == "sdxl")
 
 
 # ------------------------------------------------------------------------------- record access
@@ -111,7 +125,7 @@ class RecordSource:
             found = sorted(self.dataset_dir.glob("**/dataset_info.json")) if self.dataset_dir.exists() else []
             if found:
                 hint = f"; did you mean {found[0].parent}?"
-            raise FileNotFoundError(f"{self.dataset_dir} is not a built FGID dataset (no dataset_info.json){hint}")
+            raise cli.MissingError(f"{self.dataset_dir} is not a built FGID dataset (no dataset_info.json){hint}")
         self.builder = tfds.builder_from_directory(os.fspath(self.dataset_dir))
         if split not in self.builder.info.splits:
             raise KeyError(f"split {split!r} not in {list(self.builder.info.splits)} of {self.dataset_dir}")
@@ -317,7 +331,11 @@ def make_dataset(dataset_dir: os.PathLike | str, cfg: PipelineConfig, *, start_s
         if M != R:
             facial_masks = tf.image.resize(facial_masks, [M, M], method="bilinear", antialias=True)
         foreground = resize_center_crop(fg[..., None], R)[..., 0]
+        extra = {}
+        if cfg.sdxl_time_ids:
+            extra["time_ids"] = tf.constant(batch_lib.sdxl_time_ids(1, R, R)[0])
         return {
+            **extra,
             "pixel_values": tf.ensure_shape(pixel_values, [R, R, 3]),
             "clip_image": clip_image * (1.0 - tf.cast(drop, tf.float32)),
             "part_clip_images": _gather_parts(part_clip, order),
@@ -348,3 +366,14 @@ def make_dataset(dataset_dir: os.PathLike | str, cfg: PipelineConfig, *, start_s
 def batches(dataset_dir: os.PathLike | str, cfg: PipelineConfig, **kwargs) -> Iterator[dict[str, np.ndarray]]:
     """Numpy batches of `make_dataset` (same arguments)."""
     return make_dataset(dataset_dir, cfg, **kwargs).as_numpy_iterator()
+
+
+def train_batches(config, dataset_dir: os.PathLike | str, *, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """This host's numpy batches of a training config from step `start_step` on: exactly the keys
+    of `cid_jax.data.batch.spec_for_config` (deterministic in (seed, step): a resumed run sees the
+    batches the uninterrupted one would have seen)."""
+    keys = set(batch_lib.spec_for_config(config))
+    for b in batches(dataset_dir, PipelineConfig.from_config(config), start_step=start_step,
+                     process_index=process_index, process_count=process_count):
+        yield {k: v for k, v in b.items() if k in keys}

@@ -1,22 +1,22 @@
 """From a folder of photos to the prepared-folder layout that `builder.build_from_folder` reads.
 
     python -m cid_jax.data.prepare --images=photos/ --out=my_faces/ \
-        --parser-weights=79999_iter.pth --insightface-models=~/.insightface/models/buffalo_l \
-        [--captions=captions.csv] [--batch-size=8]
+        --parser_weights=79999_iter.pth --insightface_models=~/.insightface/models/buffalo_l \
+        [--captions=captions.csv] [--batch_size=8]
     python -c "from cid_jax.data import builder; print(builder.build_from_folder('my_faces', '/data/tfds').summary())"
 
 For every photo directly inside `--images` (.jpg .jpeg .png .webp .bmp .tif .tiff) it runs the
-code generation uses (`cid_jax.generate.FaceAnalyzer`): BiSeNet parsing from `--parser-weights`
+code generation uses (`cid_jax.face.FaceAnalyzer`): BiSeNet parsing from `--parser_weights`
 (a face must first be found by the offline detector, as in `generate`), or without it the offline
 LBP face cascade + geometric part template; and the insightface ArcFace embedding from
-`--insightface-models`, or without it no embedding (the record then gets zeros and
+`--insightface_models`, or without it no embedding (the record then gets zeros and
 `has_id_embedding=False`, as the reference does for a face insightface cannot see). Each fallback
 is announced once. It writes (README.md, "Folder layout (b)"):
 
     OUT/images/<id>.{jpg,jpeg,png}   the photo: its own bytes when already JPEG/PNG, else PNG
                                      (re-encoded upright when the EXIF orientation says rotated)
     OUT/masks/<id>.png               uint8 19-class label map at the photo's size (the parser runs at
-                                     --parse-size square like the reference; resized back nearest)
+                                     --parse_size square like the reference; resized back nearest)
     OUT/embeddings/<id>.npy          float32 (512,) normed ArcFace embedding (only with insightface)
     OUT/captions.jsonl               {"id", "vqa_llva", "vqa_llva_more_face_detail", "identity"}
     OUT/prepare_report.json          this run: counts, the failed files with reasons, fallbacks used
@@ -37,7 +37,6 @@ compilation), decoding in a thread pool.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import dataclasses
@@ -51,6 +50,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from cid_jax import cli
 
 log = logging.getLogger("cid_jax.data.prepare")
 
@@ -71,7 +72,7 @@ def _caption_row(name: str, value: Any) -> dict:
         return {"vqa_llva": value[0], "vqa_llva_more_face_detail": value[1]}
     if isinstance(value, Mapping) and "vqa_llva" in value and "vqa_llva_more_face_detail" in value:
         return dict(value)
-    raise ValueError(f"captions for {name!r}: expected [vqa_llva, vqa_llva_more_face_detail] or an object "
+    raise cli.InputError(f"captions for {name!r}: expected [vqa_llva, vqa_llva_more_face_detail] or an object "
                      f"with those keys, got {value!r}")
 
 
@@ -79,14 +80,14 @@ def _row_name(row: Mapping, path: pathlib.Path) -> str:
     for key in ("file", "image", "file_name", "filename", "name", "id"):
         if row.get(key):
             return str(row[key])
-    raise ValueError(f"{path}: a row has none of the columns file/image/file_name/filename/name/id: {dict(row)}")
+    raise cli.InputError(f"{path}: a row has none of the columns file/image/file_name/filename/name/id: {dict(row)}")
 
 
 def read_captions(path: os.PathLike | str) -> dict[str, dict]:
     """--captions file -> {file name or stem: {"vqa_llva", "vqa_llva_more_face_detail"[, "identity"]}}."""
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"captions file {path} does not exist")
+        raise cli.MissingError(f"captions file {path} does not exist")
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -97,10 +98,10 @@ def read_captions(path: os.PathLike | str) -> dict[str, dict]:
         if isinstance(data, Mapping):
             return {str(k): _caption_row(str(k), v) for k, v in data.items()}
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
+            raise cli.InputError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
         rows = data
     else:
-        raise ValueError(f"{path}: captions must be .csv, .json or .jsonl")
+        raise cli.InputError(f"{path}: captions must be .csv, .json or .jsonl")
     out = {}
     for row in rows:
         name = _row_name(row, path)
@@ -121,7 +122,7 @@ def captions_for(file_name: str, table: Optional[Mapping[str, dict]]) -> Optiona
 def list_images(images_dir: pathlib.Path) -> list[pathlib.Path]:
     """Photos directly inside `images_dir`, by name (hidden files and other extensions ignored)."""
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"images folder {images_dir} does not exist")
+        raise cli.MissingError(f"images folder {images_dir} does not exist")
     return sorted(p for p in images_dir.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
 
@@ -238,29 +239,6 @@ class Output:
         self.done[photo.id] = row
 
 
-# ------------------------------------------------------------------------------------- parsing
-
-
-def parse_batch(parser, images: Sequence[np.ndarray], size: int, batch_size: int) -> list[np.ndarray]:
-    """BiSeNet label maps [size, size] of several photos, `batch_size` at a time.
-
-    The same steps as `cid_jax.face.parse_face` (PIL bilinear resize to size x size on the host,
-    then the jitted normalise -> BiSeNet -> argmax); the last batch is padded so every call has
-    the same shape and compiles once.
-    """
-    from cid_jax.face.parsing import _labels, resize_like_reference
-
-    model, params = parser
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = np.stack([resize_like_reference(im, size) for im in images[start:start + batch_size]])
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        out.extend(np.asarray(_labels(model, params, chunk))[:n])
-    return out
-
-
 # ------------------------------------------------------------------------------------------ run
 
 
@@ -313,18 +291,17 @@ def prepare_folder(images_dir: os.PathLike | str, out_dir: os.PathLike | str, *,
     """Prepares every photo of `images_dir` into `out_dir` (module docstring); returns the report,
     also written to `out_dir/prepare_report.json`.
 
-    `analyzer`: a `cid_jax.generate.FaceAnalyzer` (default: built from `parser_weights` and
+    `analyzer`: a `cid_jax.face.FaceAnalyzer` (default: built from `parser_weights` and
     `insightface_models`, announcing each fallback once); its `parser` (BiSeNet model, params) and
     `embedder` (`ArcFaceEmbedder`) are used, or None for the offline fallbacks.
     """
     from tqdm.auto import tqdm
 
-    from cid_jax.face import NoFaceFoundError, detect_largest_face, template_parse
-    from cid_jax.generate import FaceAnalyzer
+    from cid_jax.face import FaceAnalyzer, NoFaceFoundError, detect_largest_face, parse_batch, template_parse
 
     images_dir, out_dir = pathlib.Path(images_dir).expanduser(), pathlib.Path(out_dir).expanduser()
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise cli.InputError(f"batch_size must be >= 1, got {batch_size}")
     paths = list_images(images_dir)
     table = read_captions(captions) if captions else None
     analyzer = analyzer or FaceAnalyzer(parser_weights, insightface_models)
@@ -405,39 +382,31 @@ def _try(fn):
 # -------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cid_jax.data.prepare", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = cli.ArgumentParser(prog="python -m cid_jax.data.prepare", description=__doc__)
     p.add_argument("--images", required=True, help="folder of photos (not recursive)")
     p.add_argument("--out", required=True, help="prepared folder to write (or resume)")
-    p.add_argument("--parser-weights", help="BiSeNet 79999_iter.pth / face_parsing.pth (default: offline template)")
-    p.add_argument("--insightface-models", help="insightface buffalo_l folder (default: no ID embedding)")
+    p.add_argument("--parser_weights", help="BiSeNet 79999_iter.pth / face_parsing.pth (default: offline template)")
+    p.add_argument("--insightface_models", help="insightface buffalo_l folder (default: no ID embedding)")
     p.add_argument("--captions", help="CSV / JSON / JSONL: file name -> vqa_llva, vqa_llva_more_face_detail")
-    p.add_argument("--batch-size", type=int, default=8, help="photos per parsing batch")
-    p.add_argument("--parse-size", type=int, default=512, help="parser input size (the reference: 512)")
+    p.add_argument("--batch_size", type=int, default=8, help="photos per parsing batch")
+    p.add_argument("--parse_size", type=int, default=512, help="parser input size (the reference: 512)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true")
     return p.parse_args(argv)
 
 
+@cli.entry_point("prepare")
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     args = parse_args(argv)
-    from cid_jax.generate import UserError
-
-    try:
-        report = prepare_folder(args.images, args.out, parser_weights=args.parser_weights,
-                                insightface_models=args.insightface_models, captions=args.captions,
-                                batch_size=args.batch_size, parse_size=args.parse_size,
-                                workers=args.workers, progress=not args.no_progress)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    report = prepare_folder(args.images, args.out, parser_weights=args.parser_weights,
+                            insightface_models=args.insightface_models, captions=args.captions,
+                            batch_size=args.batch_size, parse_size=args.parse_size,
+                            workers=args.workers, progress=not args.no_progress)
     print(report.summary())
-    print(f"report: {pathlib.Path(args.out) / REPORT_NAME}\nnext: builder.build_from_folder({args.out!r}, DATA_DIR)")
+    print(f"report: {pathlib.Path(args.out) / REPORT_NAME}\n"
+          f"next: python -m cid_jax.data.builder folder --src={args.out} --out=DATA_DIR")
     return 0
 
 

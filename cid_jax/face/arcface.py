@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cid_jax import cli
 from cid_jax.face.detect import FaceBox, no_face_error
 
 # The buffalo_l pack, as unzipped from insightface's release: the two files used, and the rest.
@@ -38,7 +39,7 @@ BUFFALO_L_UNUSED = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx")
 PICKS = ("largest", "first")
 
 
-class ArcFaceModelsError(FileNotFoundError):
+class ArcFaceModelsError(cli.MissingError):
     """The insightface model folder lacks a detector or a recognizer; names the files expected."""
 
 

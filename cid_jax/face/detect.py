@@ -18,10 +18,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cid_jax import cli
 from cid_jax.face import parsing as L
 
 
-class NoFaceFoundError(ValueError):
+class NoFaceFoundError(cli.InputError):
     """No face in the image: ConsistentID needs one clear, frontal, reasonably large face."""
 
 

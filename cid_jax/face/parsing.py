@@ -78,7 +78,7 @@ def resize_like_reference(image_rgb_uint8, size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _labels(model: BiSeNet, params, images_uint8: jax.Array) -> jax.Array:
+def label_maps(model: BiSeNet, params, images_uint8: jax.Array) -> jax.Array:
     """[N, H, W, 3] uint8 -> [N, H, W] uint8 labels: /255, ImageNet normalise, BiSeNet, argmax."""
     x = images_uint8.astype(jnp.float32) / 255.0
     x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
@@ -95,4 +95,22 @@ def parse_face(image_rgb_uint8, model: BiSeNet, params, size: int = 512) -> np.n
     `model, params` as returned by `cid_jax.face.bisenet.load_bisenet`.
     """
     resized = resize_like_reference(image_rgb_uint8, size)
-    return np.asarray(_labels(model, params, jnp.asarray(resized)[None]))[0]
+    return np.asarray(label_maps(model, params, jnp.asarray(resized)[None]))[0]
+
+
+def parse_batch(parser, images, size: int, batch_size: int) -> list[np.ndarray]:
+    """BiSeNet label maps [size, size] of several photos, `batch_size` at a time.
+
+    The same steps as `parse_face` (PIL bilinear resize to size x size on the host, then the jitted
+    normalise -> BiSeNet -> argmax); the last batch is padded so every call has the same shape and
+    compiles once. `parser` is `(model, params)` from `load_bisenet`.
+    """
+    model, params = parser
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = np.stack([resize_like_reference(im, size) for im in images[start:start + batch_size]])
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        out.extend(np.asarray(label_maps(model, params, chunk))[:n])
+    return out

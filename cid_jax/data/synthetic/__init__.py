@@ -11,8 +11,9 @@ The generator also returns the truth the tests need: the expected hole-filled re
 of the five part slots (drawn on separate canvases, where the features inside the face are holes
 to be filled and anything drawn over a part later is an occluder) and the foreground.
 
-CLI (writes an FGID dataset in the record format, see README.md):
-    python -m cid_jax.data.synthetic --out=DIR --num=N [--seed=0 --size=512 --identities=...]
+A pure generator (numpy/PIL). The dataset is written by the builder (see README.md):
+    python -m cid_jax.data.builder synthetic --out=DIR --num=N [--seed=0 --size=512 --identities=...]
+(`python -m cid_jax.data.synthetic ...` is the same command.)
 """
 from __future__ import annotations
 
@@ -349,35 +350,3 @@ def record_of(face: SyntheticFace) -> dict:
                 vqa_llva_more_face_detail=face.vqa_llva_more_face_detail,
                 id_embedding=face.id_embedding, has_id_embedding=face.has_id_embedding,
                 identity=face.identity, source_id=face.source_id)
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-
-def main(argv=None) -> int:
-    import argparse
-    import pathlib
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="tfds data_dir to write the dataset into")
-    p.add_argument("--num", type=int, required=True, help="number of examples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=512, help="image side in pixels")
-    p.add_argument("--identities", type=int, default=None, help="number of identities (default num // 8, >= 1)")
-    p.add_argument("--missing_embedding_prob", type=float, default=0.0)
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
-
-    from cid_jax.data import builder as builder_lib  # TensorFlow: only here, not at import
-
-    ids = args.identities or max(1, args.num // 8)
-    report = builder_lib.build_synthetic(
-        pathlib.Path(args.out), num=args.num, seed=args.seed, size=args.size, num_identities=ids,
-        missing_embedding_prob=args.missing_embedding_prob, progress=not args.no_progress)
-    print(report.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
