@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
@@ -56,9 +55,6 @@ VARIANT_DEFAULTS = {"sd15": VariantDefaults(DEFAULT_GUIDANCE, 512, 512),
                     "sdxl": VariantDefaults(7.5, 1024, 1280)}
 
 
-def is_sdxl_base(base) -> bool:
-    """A diffusers folder is SDXL when it has a second text encoder."""
-    return (pathlib.Path(base).expanduser() / "text_encoder_2").is_dir()
 DEFAULT_SAMPLER = "euler"  # the reference's; the paper reports DDIM
 
 
@@ -136,11 +132,6 @@ def model_inputs(faces: Sequence[FaceBatch], texts: Sequence[TextBatch]) -> dict
     }
 
 
-def sdxl_time_ids(batch: int, height: int, width: int) -> np.ndarray:
-    """SDXL's added time ids [B, 6]: original size, crop top-left (0, 0), target size (= original)."""
-    return np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (batch, 1))
-
-
 def check_token_ids(inputs: Mapping[str, np.ndarray], vocab_size: int) -> None:
     """The text encoder's table must hold every id (a tiny encoder with a small vocabulary would
     otherwise silently read out of range under jit)."""
@@ -166,11 +157,11 @@ class EmbeddingSets(NamedTuple):
 
 def embedding_sets(model: ConsistentID, frozen, trainable, inputs: Mapping[str, jax.Array]) -> EmbeddingSets:
     """The reference's three contexts (spec §6 steps 6-11) via `ConsistentID.conditioning`; for SDXL
-    also their pooled embeddings, and `inputs["time_ids"]` (`sdxl_time_ids`) is required."""
+    also their pooled embeddings, and `inputs["time_ids"]` (`cid_jax.data.batch.sdxl_time_ids`) is required."""
     common = {k: inputs[k] for k in ("facial_token_mask", "facial_token_idx_mask")}
     if model.is_sdxl:
         if "time_ids" not in inputs:
-            raise ValueError("SDXL generation needs inputs['time_ids'] (pipeline.sdxl_time_ids)")
+            raise ValueError("SDXL generation needs inputs['time_ids'] (cid_jax.data.batch.sdxl_time_ids)")
         common["time_ids"] = inputs["time_ids"]
     real = dict(common, clip_image=inputs["clip_image"], part_clip_images=inputs["part_clip_images"],
                 id_embedding=inputs["id_embedding"])

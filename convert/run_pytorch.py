@@ -3,9 +3,9 @@
 e.g. on CUDA, without running the networks in JAX:
 
     python convert/run_pytorch.py --checkpoint=ConsistentID-v1.bin --base=SD15_DIR \
-        --image-encoder=CLIP_H_DIR --image=face.jpg --prompt="a portrait" --device=cuda --dtype=fp16
+        --image_encoder=CLIP_H_DIR --image=face.jpg --prompt="a portrait" --device=cuda --dtype=fp16
 
-The steps are the reference pipelines' (spec §6, SD1.5 and SDXL) and those of `cid_jax.pipeline`: the same
+The steps are the reference pipelines' (spec §6, SD1.5 and SDXL) and those of `cid_jax.sampling`: the same
 host preprocessing (imported from cid_jax: parsing or the offline template, masks, part images,
 CLIP preprocessing, facial prompt and token masks), then in PyTorch the three embedding sets
 (null / text-only / facial-fused, each with the 4 ID tokens), CFG with `i <= merge_step` using the
@@ -21,7 +21,6 @@ tokenizer_2 produces for the same text: one BPE vocabulary, '!' as padding).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -262,9 +261,9 @@ class ConsistentIDTorch:
         base = pathlib.Path(base)
         groups, self.metadata = read_checkpoint(checkpoint)
         load = dict(torch_dtype=dtype)
-        from cid_jax.pipeline import is_sdxl_base
+        from cid_jax.models.presets import is_sdxl_folder
 
-        self.sdxl = is_sdxl_base(base)
+        self.sdxl = is_sdxl_folder(base)
         self.unet = diffusers.UNet2DConditionModel.from_pretrained(base / "unet", **load)
         install_processors(self.unet, groups["adapter_modules"])
         self.vae = diffusers.AutoencoderKL.from_pretrained(base / "vae", **load)
@@ -307,7 +306,7 @@ class ConsistentIDTorch:
 
     @torch.no_grad()
     def __call__(self, inputs: dict, noise_nhwc, steps=50, merge_step=30, guidance=5.0) -> np.ndarray:
-        """Host inputs (cid_jax.pipeline.model_inputs; SDXL also `time_ids`) + initial noise ->
+        """Host inputs (cid_jax.sampling.model_inputs; SDXL also `time_ids`) + initial noise ->
         images [B,H,W,3] in [0,1]."""
         ids = lambda k: self._t(inputs[k], torch.long)  # noqa: E731
         tok_mask, valid = ids("facial_token_mask").bool(), ids("facial_token_idx_mask").bool()
@@ -325,7 +324,7 @@ class ConsistentIDTorch:
         text = torch.cat([text_only, id_tokens], 1)
         if self.sdxl:
             if "time_ids" not in inputs:
-                raise ValueError("SDXL needs inputs['time_ids'] (cid_jax.pipeline.sdxl_time_ids)")
+                raise ValueError("SDXL needs inputs['time_ids'] (cid_jax.data.batch.sdxl_time_ids)")
             time_ids = self._t(inputs["time_ids"]).repeat(2, 1)
 
         self.scheduler.set_timesteps(steps, device=self.device)
@@ -351,63 +350,73 @@ class ConsistentIDTorch:
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def main(argv=None) -> int:
-    from cid_jax import generate as gen
-    from cid_jax import pipeline as pl
-    from cid_jax.face import NoFaceFoundError
-    from cid_jax.text import CLIPTokenizer, add_trigger_tokens
+def parse_args(argv=None):
+    from cid_jax import cli
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="convert/run_pytorch.py", description=__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--base", required=True, help="diffusers SD1.5 or SDXL folder")
-    p.add_argument("--image-encoder", help="CLIP-ViT-H-14 folder (default <base>/image_encoder)")
+    p.add_argument("--image_encoder", help="CLIP-ViT-H-14 folder (default <base>/image_encoder)")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
+    p.add_argument("--negative_prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None, help="default 5; SDXL 7.5 (the references')")
-    p.add_argument("--merge-step", type=int, default=30)
+    p.add_argument("--merge_step", type=int, default=30)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
     p.add_argument("--height", type=int, default=None, help="default 512; SDXL 1024")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--facial-encoder-heads", type=int, default=None, help="default: width // 64 (the reference)")
-    p.add_argument("--parser-weights")
-    p.add_argument("--insightface-models")
+    p.add_argument("--facial_encoder_heads", type=int, default=None, help="default: width // 64 (the reference)")
+    p.add_argument("--parser_weights")
+    p.add_argument("--parsing", help="a 19-class parsing map (PNG) of the photo, used instead of a parser")
+    p.add_argument("--insightface_models")
     p.add_argument("--out", default="consistentid_torch.png")
-    args = p.parse_args(argv)
-    try:
-        image = gen.read_image(args.image)
-        analyzer = gen.FaceAnalyzer(args.parser_weights, args.insightface_models)
-        try:
-            defaults = pl.VARIANT_DEFAULTS["sdxl" if pl.is_sdxl_base(args.base) else "sd15"]
-            face = pl.face_batch(image, analyzer.label_map(image, defaults.parse_size), analyzer.id_embedding(image))
-        except NoFaceFoundError as e:
-            raise gen.UserError(f"{args.image}: {e}", gen.EXIT_NO_FACE) from None
-        base = pathlib.Path(args.base)
-        for sub in ("unet", "vae", "text_encoder"):
-            if not (base / sub / "config.json").exists():
-                raise gen.UserError(f"{base / sub}/config.json not found (--base must be a diffusers SD1.5 "
-                                    "or SDXL folder)", gen.EXIT_MISSING)
-        enc = pathlib.Path(args.image_encoder or base / "image_encoder")
-        if not (enc / "config.json").exists():
-            raise gen.UserError(f"CLIP image encoder {enc}/config.json not found", gen.EXIT_MISSING)
-    except gen.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from cid_jax import cli
+
+    return cli.entry_point("run_pytorch")(_main)(argv)
+
+
+def _main(argv) -> int:
+    from cid_jax import cli
+    from cid_jax import generate as gen
+    from cid_jax import sampling as pl
+    from cid_jax.data.batch import sdxl_time_ids
+    from cid_jax.models.presets import is_sdxl_folder
+    from cid_jax.text import CLIPTokenizer, add_trigger_tokens
+
+    cli.setup_logging()
+    args = parse_args(argv)
+    base = pathlib.Path(args.base)
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (base / sub / "config.json").exists():
+            raise cli.MissingError(f"{base / sub}/config.json not found (--base must be a diffusers SD1.5 "
+                                   "or SDXL folder)")
+    enc = pathlib.Path(args.image_encoder or base / "image_encoder")
+    if not (enc / "config.json").exists():
+        raise cli.MissingError(f"CLIP image encoder {enc}/config.json not found")
+    variant = "sdxl" if is_sdxl_folder(base) else "sd15"
+    defaults = pl.VARIANT_DEFAULTS[variant]
+    image, labels, embedding = gen.analyse_photo(args, variant)
+    face = pl.face_batch(image, labels, embedding)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     model = ConsistentIDTorch(args.checkpoint, base, enc, args.device, dtype, args.sampler, args.facial_encoder_heads)
     tok_dir = base / "tokenizer"
     tok = CLIPTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.default()
     add_trigger_tokens(tok)
     text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, None,
-                         model.metadata.get("pairing", "reference"), "sdxl" if model.sdxl else "sd15")
+                         model.metadata.get("pairing", "reference"), variant)
+    print(f"facial prompt: {text.prompt_face}", file=sys.stderr)
     inputs = pl.model_inputs([face], [text])
     height, width = args.height or defaults.size, args.width or defaults.size
     if model.sdxl:
-        inputs["time_ids"] = pl.sdxl_time_ids(1, height, width)
+        inputs["time_ids"] = sdxl_time_ids(1, height, width)
     guidance = args.guidance if args.guidance is not None else defaults.guidance
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)
     noise = pl.initial_noise([args.seed], (height // f, width // f, model.unet.config.in_channels))

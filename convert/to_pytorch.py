@@ -6,20 +6,18 @@
 
 --out=*.bin writes the reference nested pickle {FacialEncoder, image_proj, adapter_modules}
 (SDXL: image_proj_model), the only format the reference SD1.5 pipeline loads; metadata goes to
-<out>.json beside it. --out=*.safetensors writes the flat `<group>.<key>` file (no torch needed;
-the reference SDXL pipeline loads it), metadata in its header. Keys and shapes equal the reference
-tables exactly; processor indices follow diffusers' `unet.attn_processors` order.
+<out>.json beside it. --out=*.safetensors writes the flat file with the reference's prefixes
+(FacialEncoder., image_proj_model., adapter_modules.; no torch needed; the reference SDXL pipeline
+and its convert script read it), metadata in its header. Keys and shapes equal the reference tables
+exactly; processor indices follow diffusers' `unet.attn_processors` order.
 
---checkpoint takes our params file (`*.msgpack` from training or from_pytorch.py, or a reference
-`*.bin`/`*.safetensors`), or a directory holding one such file. Orbax training-state directories
-are recognised but not read yet (they come with the training code; see
-cid_jax.weights.consistentid.load_params).
-
-After writing, the file is read back and compared tensor by tensor (bit-exact) and key by key.
+--checkpoint takes a training run directory (its newest readable checkpoint, or --step), our params
+file (`*.msgpack` from from_pytorch.py), a reference `*.bin`/`*.safetensors`, or a directory
+holding one such file. The file is written atomically, read back and compared tensor by tensor
+(bit-exact) and key by key; one that fails is removed.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -28,13 +26,12 @@ try:
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-DEFAULT_BASE_MODEL = {"sd15": "runwayml/stable-diffusion-v1-5",
-                      "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+from cid_jax import cli  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="our params file / directory, or a reference checkpoint")
+def parse_args(argv=None):
+    p = cli.ArgumentParser(prog="convert/to_pytorch.py", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="run directory, our params file, or a reference checkpoint")
     p.add_argument("--out", required=True, help="output file: .bin (reference pickle) or .safetensors")
     p.add_argument("--layout", choices=("sd15", "sdxl"), default=None,
                    help="base model family (default: detected from the weights)")
@@ -42,45 +39,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairing", choices=("reference", "by_name"), default=None,
                    help="part-image/word pairing the weights were trained with "
                         "(default: from the checkpoint's metadata; required when it has none)")
-    p.add_argument("--step", default=None, help="training step recorded in the metadata")
-    p.add_argument("--base-model", default=None, help="base model recorded in the metadata")
-    p.add_argument("--allow-partial", action="store_true",
+    p.add_argument("--step", type=int, default=None,
+                   help="run directory: the checkpoint step to export (default: the newest readable); "
+                        "weights file: the training step to record in the metadata")
+    p.add_argument("--base_model", default=None, help="base model recorded in the metadata")
+    p.add_argument("--allow_partial", action="store_true",
                    help="export even when a group is missing (e.g. no FacialEncoder); "
                         "the reference loaders need all three groups")
     return p.parse_args(argv)
 
 
+@cli.entry_point("to_pytorch")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cid_jax.weights import consistentid as W
-    from cid_jax.weights.state_dict import WeightsError
+    from cid_jax import export
 
-    try:
-        layout = W.LAYOUTS[args.layout] if args.layout else None
-        params, meta, layout = W.load_params(args.checkpoint, layout)
-        pairing = args.pairing or meta.get("pairing")
-        if pairing is None:
-            raise WeightsError(f"{args.checkpoint} records no pairing mode: pass --pairing=reference|by_name")
-        metadata = W.make_metadata(
-            layout, base_model=args.base_model or meta.get("base_model") or DEFAULT_BASE_MODEL[layout.base],
-            pairing=pairing, step=args.step or meta.get("step", "unknown"), dtype=args.dtype,
-            extra={"source": str(args.checkpoint)})
-        groups = W.save_checkpoint(params, layout, args.out, dtype=args.dtype, metadata=metadata,
-                                   partial=args.allow_partial)
-        try:
-            W.verify_written(args.out, groups, layout)
-        except Exception:  # never leave a file behind that failed its self-check
-            for p in (pathlib.Path(args.out), W.sidecar_path(args.out)):
-                p.unlink(missing_ok=True)
-            raise
-    except (WeightsError, FileNotFoundError, NotImplementedError, ValueError) as e:
-        print(f"to_pytorch: error: {e}", file=sys.stderr)
-        return 2
-    n_tensors = sum(len(g) for g in groups.values())
-    n_params = sum(int(v.size) for g in groups.values() for v in g.values())
-    print(f"wrote {args.out} ({layout.base}, {args.dtype}): "
-          + ", ".join(f"{g} {len(sd)} tensors" for g, sd in groups.items())
-          + f"; {n_tensors} tensors, {n_params:,} params; self-check passed")
+    groups, metadata, layout = export.to_pytorch(
+        args.checkpoint, args.out, layout=args.layout, dtype=args.dtype, pairing=args.pairing, step=args.step,
+        base_model=args.base_model, allow_partial=args.allow_partial)
+    print(f"wrote {args.out} ({layout.base}, {args.dtype}): {export.summary(groups)}; self-check passed")
     print("metadata: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
     return 0
 
