@@ -10,18 +10,16 @@ import pathlib
 import pytest
 
 from cid_jax import aot
+from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = helpers.REPO
 TOPOLOGY = "v5e:2x2"
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install 'cid_jax[tpu]')")
 
 
 def demo_config(**mesh):
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = helpers.demo_config()
     for k, v in mesh.items():
         config.mesh[k] = v
     return config
@@ -40,7 +38,7 @@ def test_report_fields(report):
     assert (r.topology, r.chip, r.n_devices, r.mesh) == (TOPOLOGY, "TPU v5e", 4, {"data": 2, "fsdp": 2})
     assert r.hbm_bytes == 16 * aot.GiB and r.peak_flops_per_chip == 197e12
     assert (r.global_batch, r.micro_batch, r.per_chip_batch) == (8, 8, 2)
-    assert r.arch_source == "config.model.tiny"
+    assert r.arch_source == "the tiny-sd15 preset"
     # XLA's buffer assignment agrees with the sharding plan: the compiled program's inputs hold at
     # least the (unpadded) per-chip shards we computed; TPU tiling pads small arrays, but not 2x.
     ours = r.frozen_param_bytes + r.trainable_param_bytes + r.opt_state_bytes + r.batch_bytes
@@ -89,30 +87,26 @@ def test_fsdp_shards_parameters(report):
 def test_preset_architectures_are_the_public_checkpoints():
     import jax
 
-    from cid_jax.models import build as build_lib
+    from cid_jax import build as build_lib
+    from configs import sd15, sdxl
 
-    for variant, config_file in (("sd15", "sd15.py"), ("sdxl", "sdxl.py")):
-        spec = importlib.util.spec_from_file_location(variant, ROOT / "configs" / config_file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    for variant, module in (("sd15", sd15), ("sdxl", sdxl)):
         config, source = aot.architecture_config(module.get_config())
-        assert "presets" in source
+        assert source == f"the {variant} preset (the public checkpoints' config.json)"
         model = build_lib.build_modules(config)
-        assert model.is_sdxl == (variant == "sdxl")
+        assert model.is_sdxl == (variant == "sdxl") and model.unet.attention_kernel == "fused"
         assert model.unet.config.cross_attention_dim == (768 if variant == "sd15" else 2048)
     # SD1.5's UNet from the preset has the published size (859.5 M parameters), by shape only.
     config, _ = aot.architecture_config(_sd15())
-    model = build_lib.build_modules(config)
-    frozen = jax.eval_shape(lambda k: build_lib.init_frozen_random(model, k), jax.random.key(0))
+    frozen = build_lib.abstract_frozen(build_lib.build_modules(config), boxed=False)
     n = sum(x.size for x in jax.tree.leaves(frozen["unet"]))
     assert abs(n - 859.52e6) < 0.01e6, n
 
 
 def _sd15():
-    spec = importlib.util.spec_from_file_location("sd15", ROOT / "configs" / "sd15.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from configs import sd15
+
+    return sd15.get_config()
 
 
 def test_batch_must_cover_the_pod():

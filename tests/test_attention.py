@@ -13,13 +13,28 @@ def test_chunked_attention_equals_fused(rng, lq, lk):
     k, v = (jnp.asarray(rng.standard_normal((2, lk, 4, 40)), jnp.float32) for _ in range(2))
     ref = jax.nn.dot_product_attention(q, k, v)
     np.testing.assert_allclose(attention._chunked_attention(q, k, v, 128), ref, atol=2e-6)
-    attention.set_attention_kernel("chunked")
-    try:
-        np.testing.assert_allclose(jax.jit(attention.dot_product_attention)(q, k, v), ref, atol=2e-6)
-    finally:
-        attention.set_attention_kernel("auto")
+    chunked = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, kernel="chunked"))
+    np.testing.assert_allclose(chunked(q, k, v), ref, atol=2e-6)
     with pytest.raises(ValueError, match="kernel"):
-        attention.set_attention_kernel("flash9")
+        attention.dot_product_attention(q, k, v, kernel="flash9")
+
+
+def test_kernel_is_a_module_field_jit_sees(rng):
+    """The kernel is part of the module definition (no global state): two UNet attentions with
+    different kernels trace different programs, and each equals XLA's attention."""
+    from cid_jax.models.sites import AttentionSite
+
+    site = AttentionSite("mid_block.attentions.0.transformer_blocks.0.attn1", False, 64, 64, 1, 64)
+    x = jnp.asarray(rng.standard_normal((1, 1024, 64)), jnp.float32)
+    outs = {}
+    for kernel in ("fused", "chunked"):
+        attn = attention.Attention(64, 1, 64, site=site, kernel=kernel)
+        params = jax.jit(attn.init)(jax.random.key(0), x)
+        fn = jax.jit(attn.apply)
+        outs[kernel] = fn(params, x)
+        hlo = fn.lower(params, x).as_text()
+        assert ("while" in hlo) == (kernel == "chunked")  # lax.map over query blocks
+    np.testing.assert_allclose(outs["chunked"], outs["fused"], atol=2e-6)
 
 
 def test_auto_kernel_uses_xla_or_chunked_off_gpu(rng):

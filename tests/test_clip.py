@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cid_jax.models import presets
 from cid_jax.models import clip as C
 from cid_jax.weights import clip as W
 from cid_jax.weights.state_dict import WeightsError, read_state_dict, write_safetensors_atomic
@@ -274,19 +275,19 @@ def _count(tree) -> int:
 
 def test_full_size_shapes():
     """The real configs, by shape only (eval_shape): the parameter counts of the published models."""
-    text = C.CLIPTextModel(C.CLIPTextConfig.from_dict(C.CLIP_L_TEXT))
+    text = C.CLIPTextModel(C.CLIPTextConfig.from_dict(presets.CLIP_L_TEXT))
     p = C.abstract_params(text, boxed=False)
     assert _count(p) == 123_060_480  # CLIP-L text, 123.1 M
     o = jax.eval_shape(lambda p, x: text.apply({"params": p}, x), p, *text.dummy_inputs(2))
     assert o.last_hidden_state.shape == (2, 77, 768) and len(o.hidden_states) == 13
 
-    big = C.CLIPTextModelWithProjection(C.CLIPTextConfig.from_dict(C.OPENCLIP_BIGG_TEXT))
+    big = C.CLIPTextModelWithProjection(C.CLIPTextConfig.from_dict(presets.OPENCLIP_BIGG_TEXT))
     p = C.abstract_params(big, boxed=False)
     assert _count(p) == 694_659_840  # SDXL text_encoder_2
     o = jax.eval_shape(lambda p, x: big.apply({"params": p}, x), p, *big.dummy_inputs(1))
     assert o.hidden_states[-2].shape == (1, 77, 1280) and o.text_embeds.shape == (1, 1280)
 
-    vision = C.CLIPVisionModelWithProjection(C.CLIPVisionConfig.from_dict(C.CLIP_VIT_H_14_VISION))
+    vision = C.CLIPVisionModelWithProjection(C.CLIPVisionConfig.from_dict(presets.CLIP_VIT_H_14_VISION))
     p = C.abstract_params(vision, boxed=False)
     assert _count(p["vision_model"]) == 630_766_080  # ViT-H/14 tower, 630.8 M
     assert _count(p) == 632_076_800  # plus visual_projection 1280 x 1024

@@ -19,8 +19,10 @@ import jax.numpy as jnp  # noqa: E402
 from diffusers.models.attention_processor import Attention as TorchAttention  # noqa: E402
 
 from cid_jax.models import adapters as A  # noqa: E402
-from cid_jax.models.attention import Attention, AttentionSite, DefaultProcessor  # noqa: E402
-from cid_jax.models.partition import merge, split_trainable  # noqa: E402
+from cid_jax.models import sites  # noqa: E402
+from cid_jax.models.attention import Attention, DefaultProcessor  # noqa: E402
+from cid_jax.models.sites import AttentionSite, ProcessorSite  # noqa: E402
+from cid_jax.models.trainable import merge, split_trainable  # noqa: E402
 from cid_jax.weights import consistentid as W  # noqa: E402
 from cid_jax.weights.state_dict import load_into  # noqa: E402
 from tests.torch_reference import consistentid as ref  # noqa: E402
@@ -53,12 +55,12 @@ def pair(tmp_path_factory):
         m.eval()
 
     # The reference checkpoint group for these two sites, in the real on-disk format.
-    layout = W.CheckpointLayout("test", "image_proj", CTX, (W.ProcessorSite(0, SELF_NAME, False, HIDDEN),
-                                                            W.ProcessorSite(1, CROSS_NAME, True, HIDDEN)),
+    layout = W.CheckpointLayout("test", "image_proj", CTX, (ProcessorSite(0, SELF_NAME, False, HIDDEN),
+                                                            ProcessorSite(1, CROSS_NAME, True, HIDDEN)),
                                 rank=RANK, num_tokens=ID_TOKENS)
     path = tmp_path_factory.mktemp("adapters") / "adapters.bin"
     torch.save({"adapter_modules": torch.nn.ModuleList([p1, p2]).state_dict()}, path)
-    ours = W.import_reference(W.read_groups(path), layout, required=("adapters",))["adapters"]
+    ours = W.import_reference(W.read_groups(path), layout, required=("adapter_modules",))["adapter_modules"]
 
     params = {}
     for name, m in ((SELF_NAME, attn1), (CROSS_NAME, attn2)):
@@ -70,7 +72,7 @@ def pair(tmp_path_factory):
                     "to_out_0": {"kernel": shape(HIDDEN, HIDDEN), "bias": shape(HIDDEN)}}
         base = load_into(abstract, base_sd, what=name)
         node = ours
-        for part in W.site_name_to_flax_path(name):
+        for part in sites.site_name_to_flax_path(name):
             node = node[part]
         params[name] = merge(base, node)
     return dict(attn1=attn1, attn2=attn2, p2=p2, params=params, layout=layout)
@@ -218,19 +220,19 @@ def test_split_and_merge_partition_by_path():
 
 
 def test_plan_routes_processors_and_capture_sites():
-    sites = W.SD15.sites
+    sd15_sites = W.SD15.sites
     for mode, want_cross in (("cross", True), ("self", False)):
         plan = A.consistentid_plan(capture=mode)
-        captured = [s.name for s in sites
+        captured = [s.name for s in sd15_sites
                     if plan(AttentionSite(s.name, s.is_cross, s.hidden_size, 768, 8, 40)).keywords["capture"]]
         # 11 attentions per kind in the five middle groups (spec §7.5), all of the requested kind.
         assert len(captured) == 11
         assert all(n.endswith("attn2" if want_cross else "attn1") for n in captured)
-        assert {A.block_group(n) for n in captured} == set(A.SD15_CAPTURE_GROUPS)
+        assert {sites.block_group(n) for n in captured} == set(sites.SD15_CAPTURE_GROUPS)
     plan = A.consistentid_plan(capture="none")
-    kinds = {plan(AttentionSite(s.name, s.is_cross, s.hidden_size, 768, 8, 40)).func for s in sites}
+    kinds = {plan(AttentionSite(s.name, s.is_cross, s.hidden_size, 768, 8, 40)).func for s in sd15_sites}
     assert kinds == {A.ConsistentSelfProcessor, A.ConsistentCrossProcessor}
-    assert A.SDXL_CAPTURE_GROUPS == ("down_blocks.2", "mid_block", "up_blocks.1")
+    assert sites.SDXL_CAPTURE_GROUPS == ("down_blocks.2", "mid_block", "up_blocks.1")
     with pytest.raises(ValueError):
         A.consistentid_plan(capture="attn3")
     with pytest.raises(ValueError):

@@ -46,7 +46,7 @@ def sd15_modules(tmp_path_factory):
     path = tmp_path_factory.mktemp("cid") / "ConsistentID-partial.bin"
     torch.save({"FacialEncoder": fe.state_dict(), "image_proj": ip.state_dict()}, path)
     params = W.import_reference(W.read_groups(path), W.SD15, required=("facial_encoder", "image_proj"))
-    assert params["adapters"] is None
+    assert params["adapter_modules"] is None
     return fe, ip, params, path
 
 

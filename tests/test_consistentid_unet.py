@@ -17,10 +17,12 @@ import jax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from cid_jax.models import adapters as A  # noqa: E402
-from cid_jax.models.partition import merge, split_trainable  # noqa: E402
+from cid_jax.models import sites  # noqa: E402
+from cid_jax.models.trainable import merge, split_trainable  # noqa: E402
 from cid_jax.models.unet import SD15_UNET, SDXL_UNET, UNet2DConditionModel  # noqa: E402
 from cid_jax.weights import consistentid as W  # noqa: E402
-from cid_jax.weights.unet import abstract_unet_params, load_unet  # noqa: E402
+from cid_jax.models.unet import abstract_unet_params  # noqa: E402
+from cid_jax.weights.unet import load_unet  # noqa: E402
 from tests.torch_reference import consistentid as ref  # noqa: E402
 
 # SD1.5's block structure (3 cross-attention down blocks + 1 plain, mirrored up), tiny widths.
@@ -35,7 +37,7 @@ RANK, TEXT, ID_TOKENS = 8, 10, 4
 def adapter_values(layout, seed):
     """Random adapter params for every site (scaled like trained weights, LoRA up non-zero)."""
     rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(W.abstract_params(layout, ["adapters"])["adapters"])
+    flat = traverse_util.flatten_dict(W.abstract_params(layout, ["adapter_modules"])["adapter_modules"])
     return traverse_util.unflatten_dict(
         {p: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32) for p, s in flat.items()})
 
@@ -54,7 +56,7 @@ def models(tmp_path_factory):
     layout = W.layout_for(module.config, base="tiny-sd15", rank=RANK, num_tokens=ID_TOKENS)
     ours = adapter_values(layout, 1)
     ckpt = tmp / "adapters.bin"
-    written = W.save_checkpoint({"adapters": ours}, layout, ckpt, partial=True)
+    written = W.save_checkpoint({"adapter_modules": ours}, layout, ckpt, partial=True)
     W.verify_written(ckpt, written, layout)
 
     adapter_modules = ref.set_consistentid_processors(torch_unet, rank=RANK, num_tokens=ID_TOKENS)
@@ -102,7 +104,7 @@ def test_unet_with_adapters_and_cross_capture_matches_torch(models):
     stores = {}
     for name, proc in torch_unet.attn_processors.items():
         site = name[: -len(".processor")]
-        if isinstance(proc, ref.ConsistentIPAttProcessor) and A.block_group(site) in A.SD15_CAPTURE_GROUPS:
+        if isinstance(proc, ref.ConsistentIPAttProcessor) and sites.block_group(site) in sites.SD15_CAPTURE_GROUPS:
             proc.store = stores[site] = []
     try:
         with torch.no_grad():
@@ -114,7 +116,7 @@ def test_unet_with_adapters_and_cross_capture_matches_torch(models):
     ours, maps = run_ours(models, "cross", x, t, ctx, idx)
     check_output(ours, expected)
     # 7 cross-attentions in down_blocks.1/2, mid_block, up_blocks.1/2 (11 at full size).
-    assert list(maps) == sorted(stores, key=W.processor_order_key) and len(maps) == 7
+    assert list(maps) == sorted(stores, key=sites.processor_order_key) and len(maps) == 7
     for site, arr in maps.items():
         want = gather(stores[site][0], idx)
         assert arr.shape == tuple(want.shape)
@@ -125,7 +127,7 @@ def test_self_capture_reproduces_reference_training_hook(models):
     x, t, ctx, idx = inputs(1)
     torch_unet = models["torch_unet"]
     store = {}
-    ref.hook_self_attention_scores(torch_unet, store, A.SD15_CAPTURE_GROUPS)
+    ref.hook_self_attention_scores(torch_unet, store, sites.SD15_CAPTURE_GROUPS)
     try:
         with torch.no_grad():
             expected = torch_unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
@@ -147,7 +149,7 @@ def test_self_capture_reproduces_reference_training_hook(models):
 def test_ip_init_from_unet_and_trainable_split(models):
     frozen, trainable = split_trainable(models["params"])
     assert set(traverse_util.flatten_dict(trainable)) == set(
-        traverse_util.flatten_dict(W.abstract_params(models["layout"], ["adapters"])["adapters"]))
+        traverse_util.flatten_dict(W.abstract_params(models["layout"], ["adapter_modules"])["adapter_modules"]))
     new = A.init_ip_from_base(frozen, trainable)
     flat_new, flat_base = traverse_util.flatten_dict(new), traverse_util.flatten_dict(frozen)
     ip = [p for p in flat_new if p[-2] in ("to_k_ip", "to_v_ip")]
@@ -162,5 +164,5 @@ def test_full_size_unet_adapter_tree_equals_layout(config, layout):
     assert W.layout_for(config, base=layout.base).sites == layout.sites
     unet = UNet2DConditionModel(config, processor_plan=A.consistentid_plan(capture="none"))
     got = traverse_util.flatten_dict(W.processor_subtree(abstract_unet_params(unet)))
-    want = traverse_util.flatten_dict(W.abstract_params(layout, ["adapters"])["adapters"])
+    want = traverse_util.flatten_dict(W.abstract_params(layout, ["adapter_modules"])["adapter_modules"])
     assert {p: v.shape for p, v in got.items()} == {p: v.shape for p, v in want.items()}

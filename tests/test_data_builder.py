@@ -161,11 +161,20 @@ def test_validate_record_rejects_bad_inputs():
             validate_record({**good, **change})
 
 
-def test_cli_writes_a_dataset(tmp_path, capsys):
-    assert synthetic.main([f"--out={tmp_path}", "--num=3", "--size=64", "--no_progress"]) == 0
+def test_cli_writes_a_dataset(tmp_path, capsys, monkeypatch):
+    """`python -m cid_jax.data.builder synthetic ...`, and `python -m cid_jax.data.synthetic ...`
+    (the same command under its older name)."""
+    import runpy
+
+    assert builder.main(["synthetic", f"--out={tmp_path / 'a'}", "--num=3", "--size=64", "--no_progress"]) == 0
     assert "3 examples written" in capsys.readouterr().out
-    (dataset_dir,) = builder.dataset_dirs(tmp_path)
+    (dataset_dir,) = builder.dataset_dirs(tmp_path / "a")
     assert len(read_back(dataset_dir)) == 3
+    monkeypatch.setattr("sys.argv", ["synthetic", f"--out={tmp_path / 'b'}", "--num=3", "--size=64", "--no-progress"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("cid_jax.data.synthetic", run_name="__main__")
+    assert done.value.code == 0 and "3 examples written" in capsys.readouterr().out
+    assert builder.dataset_dirs(tmp_path / "b")[0].name == dataset_dir.name
 
 
 def test_beam_build_with_direct_runner_equals_the_plain_build(tmp_path):

@@ -15,7 +15,7 @@ import skimage.data
 from PIL import Image
 
 from cid_jax.data import prepare
-from tests.test_face import ASTRONAUT_FACE  # the face box measured on the photo
+from tests.helpers import ASTRONAUT_FACE  # the face box measured on the photo
 
 
 def write_photos(folder):
@@ -43,8 +43,8 @@ def test_prepare_template_fallback_resume_and_build(tmp_path, caplog):
     assert code == 0
     # Each fallback announced exactly once.
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert sum("--parser-weights" in w for w in warnings) == 1
-    assert sum("--insightface-models" in w for w in warnings) == 1
+    assert sum("--parser_weights" in w for w in warnings) == 1
+    assert sum("--insightface_models" in w for w in warnings) == 1
 
     report = json.loads((out / prepare.REPORT_NAME).read_text())
     assert report["num_prepared"] == 1 and report["prepared"] == ["astronaut"]
@@ -123,9 +123,9 @@ def test_prepare_with_bisenet_weights_and_arcface(tmp_path):
     from insightface.model_zoo import get_model
 
     from cid_jax.face import ArcFaceEmbedder, load_bisenet, parse_face
-    from cid_jax.generate import FaceAnalyzer
+    from cid_jax.face import FaceAnalyzer
     from cid_jax.weights.state_dict import write_safetensors_atomic
-    from tests.test_face import BIG, StubDetector, expected_embedding, write_toy_arcface
+    from tests.helpers import BIG, StubDetector, expected_embedding, write_toy_arcface
 
     photos = write_photos(tmp_path / "photos")
     astro = skimage.data.astronaut()
@@ -180,4 +180,4 @@ def test_read_captions_formats(tmp_path):
 
 def test_missing_images_folder_is_a_clear_error(tmp_path, capsys):
     code = prepare.main([f"--images={tmp_path / 'nope'}", f"--out={tmp_path / 'out'}", "--no-progress"])
-    assert code == 1 and "nope" in capsys.readouterr().err
+    assert code == 3 and "nope" in capsys.readouterr().err  # cli.EXIT_MISSING

@@ -17,9 +17,8 @@ from cid_jax.face import detect as D
 from cid_jax.face.arcface import ArcFaceEmbedder, ArcFaceModelsError  # imports insightface lazily
 from cid_jax.face import parsing as P
 from cid_jax.face.detect import FaceBox, NoFaceFoundError
+from tests.helpers import ASTRONAUT_FACE, BIG, SMALL, StubDetector, expected_embedding, write_toy_arcface
 
-# The astronaut's face, measured by eye on the photo (hairline..chin, cheek..cheek).
-ASTRONAUT_FACE = FaceBox(175, 55, 275, 170)
 
 
 def iou(a: FaceBox, b: FaceBox) -> float:
@@ -113,59 +112,6 @@ def test_template_parse_on_the_astronaut():
 
 
 # --------------------------------------------------------------------------------------- ArcFace
-
-POOL = 8  # 112 / 8 = 14: the toy recognizer is avg-pool -> flatten -> matmul
-
-
-def write_toy_arcface(path, weight: np.ndarray):
-    """ArcFace's ONNX signature: input 'data' [N, 3, 112, 112], one output [N, 512]."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("AveragePool", ["data"], ["pooled"], name="pool", kernel_shape=[POOL, POOL],
-                         strides=[POOL, POOL]),
-        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
-        helper.make_node("MatMul", ["flat", "fc_w"], ["fc1"], name="fc"),
-    ]
-    graph = helper.make_graph(
-        nodes, "toy_arcface",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", 512])],
-        initializer=[helper.make_tensor("fc_w", TensorProto.FLOAT, weight.shape, weight.ravel())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def expected_embedding(image_as_fed: np.ndarray, kps: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """insightface alignment of the array insightface receives, then the toy graph in numpy."""
-    from insightface.utils import face_align
-
-    crop = face_align.norm_crop(image_as_fed, landmark=kps, image_size=112)
-    x = (crop[..., ::-1].astype(np.float32) - 127.5) / 127.5  # ArcFace swaps BGR -> RGB
-    x = x.transpose(2, 0, 1).reshape(3, 14, POOL, 14, POOL).mean(axis=(2, 4)).reshape(-1)
-    e = x @ weight
-    return e / np.linalg.norm(e)
-
-
-class StubDetector:
-    """insightface's detector API with fixed detections (SCRFD needs weights we don't have)."""
-
-    def __init__(self, bboxes, kpss):
-        self.bboxes, self.kpss, self.seen = np.asarray(bboxes, np.float32), np.asarray(kpss, np.float32), None
-
-    def detect(self, img, max_num=0, metric="default"):
-        self.seen = img
-        return self.bboxes, self.kpss
-
-
-# Two faces on the astronaut photo: the first (highest score, insightface's faces[0]) is a small
-# patch; the second is the real, larger face with eye/nose/mouth-corner keypoints measured by eye.
-SMALL = ([400, 420, 440, 460, 0.99], [[410, 432], [430, 432], [420, 440], [412, 450], [428, 450]])
-BIG = ([180, 60, 280, 170, 0.80], [[211, 103], [247, 101], [230, 121], [214, 140], [245, 139]])
-
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):

@@ -9,9 +9,10 @@ whose left ear is hidden by hair therefore still gives an ears word and an ear c
 import numpy as np
 import pytest
 
-from cid_jax import pipeline as pl
+from cid_jax import sampling as pl
 from cid_jax.data import masks as masks_lib
 from cid_jax.data import sample as sample_lib
+from tests.helpers import PARTS_CASES as CASES, parts_label_map as label_map
 
 # The reference's names of the labels it uses (spec §6: mapping_table, the correct entries).
 _NAMES = {1: "Face", 4: "Left_Eye", 5: "Right_Eye", 7: "Left_Ear", 8: "Right_Ear", 10: "Nose",
@@ -34,26 +35,6 @@ def reference_parts(label_map) -> list[str]:
             processed.add(suffix)
         keys.append(key)
     return keys
-
-
-def label_map(labels) -> np.ndarray:
-    """A 64x64 parsing map: skin everywhere on a background frame, each label as its own square."""
-    m = np.zeros((64, 64), np.uint8)
-    m[4:60, 4:60] = 1
-    spots = {4: (10, 10), 5: (10, 40), 7: (30, 6), 8: (30, 52), 10: (28, 28), 12: (44, 24), 13: (50, 24)}
-    for lab in labels:
-        y, x = spots[lab]
-        m[y:y + 6, x:x + 6] = lab
-    return m
-
-
-CASES = {
-    "all": (4, 5, 7, 8, 10, 12, 13),
-    "right_side_only": (5, 8, 10, 13),         # left eye and ear hidden, upper lip not parsed
-    "mixed": (4, 8, 10, 13),
-    "no_ears_no_nose": (5, 12),
-    "face_only": (),
-}
 
 
 @pytest.fixture(scope="module")

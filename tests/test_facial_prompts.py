@@ -7,7 +7,6 @@ transformers' CLIPTokenizer. cid_jax's implementation, with our own tokenizer, m
 hand-checked examples and on thousands of random captions. The spec's worked example string and
 several hand-derived strings are asserted literally.
 """
-import gzip
 import json
 import random
 import re
@@ -16,7 +15,8 @@ import numpy as np
 import pytest
 
 from cid_jax.text import facial_prompts as fp
-from cid_jax.text.tokenizer import _ASSET, CLIPTokenizer
+from cid_jax.text.tokenizer import CLIPTokenizer
+from tests.helpers import write_hf_tokenizer
 
 ALL_FIVE = ["Face", "Left_Eye", "Left_Ear", "Nose", "Upper_Lip"]  # label order, as the reference has them
 WORKED_EXAMPLE = ("The person has one face <|facial|>, two ears <|facial|>, two eyes <|facial|>, "
@@ -159,15 +159,7 @@ def ours():
 def hf(tmp_path_factory):
     """transformers' CLIPTokenizer from an SD1.5-style folder written from the packaged merges."""
     transformers = pytest.importorskip("transformers")
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    merges = gzip.open(_ASSET).read().decode("utf-8").split("\n")[1:48895]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("sd_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}), encoding="utf-8")
+    folder = write_hf_tokenizer(tmp_path_factory.mktemp("sd") / "tokenizer")
     tok = transformers.CLIPTokenizer.from_pretrained(str(folder))
     tok.add_tokens(["<|image|>"], special_tokens=True)  # the reference adds them one at a time
     tok.add_tokens(["<|facial|>"], special_tokens=True)

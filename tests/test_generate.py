@@ -7,88 +7,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cid_jax import cli
 from cid_jax import generate as gen
-from cid_jax import pipeline as pl
-
-
-def tiny_config(seed: int = 0):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "demo_config", pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    c = demo.get_config()
-    c.seed = seed
-    c.model.facial_loss_mode = "none"
-    return c
-
-
-def export_trainable(trainable, model, path):
-    """Our trainable tree -> a reference-layout safetensors (tiny models: key functions of the
-    ConsistentID weights module, no fixed-size key table)."""
-    from cid_jax.weights import consistentid as cw
-    from cid_jax.weights.state_dict import export_from
-
-    layout = cw.CheckpointLayout("custom", cw.IMAGE_PROJ_SD15, model.unet.config.cross_attention_dim,
-                                 cw.processor_sites(model.unet.config))
-    groups = {cw.FACIAL_ENCODER: export_from(trainable["facial_encoder"], key_fn=cw._module_key_fn),
-              cw.IMAGE_PROJ_SD15: export_from(trainable["image_proj"], key_fn=cw._module_key_fn),
-              cw.ADAPTERS: export_from(cw.processor_subtree(trainable["unet"]), key_fn=cw.adapter_key_fn(layout))}
-    cw.save_safetensors(groups, path, {"pairing": "reference", "layout": "custom"})
-    return groups
-
-
-def random_params(abstract, seed: int, scale: float = 0.05) -> dict:
-    """Random host values for an abstract param tree, drawn with numpy (no compilation): every
-    weight non-trivial (LoRA `up` kernels and IP copies included, so a transposed or misrouted
-    kernel cannot hide), at init-like scales so tiny models stay well conditioned:
-    LayerNorm scale 1 + N(0, scale), bias N(0, scale), kernels N(0, 1 / fan_in), latents N(0, 1 / dim)."""
-    rng = np.random.default_rng(seed)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-
-    def draw(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        z = rng.standard_normal(leaf.shape)
-        if name == "scale":
-            x = 1 + scale * z
-        elif name == "bias":
-            x = scale * z
-        else:
-            x = z / np.sqrt(np.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else leaf.shape[-1])
-        return x.astype(leaf.dtype)
-
-    return jax.tree.unflatten(treedef, [draw(p, leaf) for p, leaf in paths])
-
-
-def abstract_trainable(model, frozen=None):
-    """Shapes of the trainable tree (adapters, FacialEncoder, ProjPlus), without compiling any init."""
-    from cid_jax.models import build as build_lib
-
-    key = jax.random.key(0)
-    if frozen is None:
-        frozen = jax.eval_shape(lambda: build_lib.init_frozen_random(model, key))
-    return jax.eval_shape(lambda f: build_lib.init_trainable(model, f, key), frozen)
+from cid_jax import sampling as pl
+from tests.helpers import abstract_trainable, export_trainable, inference_demo_config, random_params
 
 
 @pytest.fixture(scope="session")
 def demo_workdir(tmp_path_factory):
-    """A workdir as training leaves it: config.json and an exported safetensors of random trainable
-    params. (The frozen tiny weights are re-created from the config's seed by `gen.load`.)"""
-    from cid_jax.models import build as build_lib
+    """A run directory as training leaves it: config.json and an exported safetensors of random
+    trainable params. (The preset's frozen weights come from the run's "frozen" stream.)"""
+    from cid_jax import build as build_lib
 
-    config = tiny_config()
+    config = inference_demo_config()
     workdir = tmp_path_factory.mktemp("demo_run")
     (workdir / "config.json").write_text(config.to_json())
-    model = build_lib.build_modules(gen.inference_config(config))
+    model = build_lib.build_modules(config)
     trainable = random_params(abstract_trainable(model), seed=7)
-    export_trainable(trainable, model, workdir / "consistentid.safetensors")
+    export_trainable(trainable, config, workdir / "consistentid.safetensors")
     return workdir, trainable
 
 
 @pytest.fixture(scope="session")
 def loaded(demo_workdir):
-    """The demo workdir through the CLI's loader (tiny frozen weights re-created from the seed)."""
+    """The demo run directory through the CLI's loader."""
     return gen.load(str(demo_workdir[0]))
 
 
@@ -139,7 +81,7 @@ def test_cli_end_to_end_on_astronaut(demo_workdir, astronaut, tmp_path, capsys):
     Image.fromarray(astronaut).save(photo)
     out = tmp_path / "out.png"
     code = gen.main([f"--checkpoint={demo_workdir[0]}", f"--image={photo}", "--prompt=a portrait",
-                     "--steps=3", "--merge-step=1", "--num-images=2", f"--out={out}"])
+                     "--steps=3", "--merge_step=1", "--num-images=2", f"--out={out}"])  # both spellings
     assert code == 0
     img = np.asarray(Image.open(out))
     assert img.shape == (64, 128, 3) and img.std() > 0  # a grid of the two seeds
@@ -153,7 +95,7 @@ def test_cli_no_face_is_a_clear_error(demo_workdir, tmp_path, capsys):
     Image.fromarray(np.full((128, 128, 3), 90, np.uint8)).save(photo)
     code = gen.main([f"--checkpoint={demo_workdir[0]}", f"--image={photo}", "--prompt=x"])
     err = capsys.readouterr().err
-    assert code == gen.EXIT_NO_FACE and "no face found" in err and "Traceback" not in err
+    assert code == cli.EXIT_NO_FACE and "no face found" in err and "Traceback" not in err
 
 
 def test_cli_missing_weights_names_the_folder(tmp_path, astronaut, capsys):
@@ -165,4 +107,4 @@ def test_cli_missing_weights_names_the_folder(tmp_path, astronaut, capsys):
     ckpt.write_bytes(b"")
     code = gen.main([f"--checkpoint={ckpt}", f"--base={tmp_path / 'sd15'}", f"--image={photo}", "--prompt=x"])
     err = capsys.readouterr().err
-    assert code == gen.EXIT_MISSING and str(tmp_path / "sd15") in err
+    assert code == cli.EXIT_MISSING and str(tmp_path / "sd15") in err

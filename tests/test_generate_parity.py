@@ -14,8 +14,9 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from cid_jax import generate as gen  # noqa: E402
-from cid_jax import pipeline as pl  # noqa: E402
-from tests.test_generate import abstract_trainable, export_trainable, random_params, tiny_config  # noqa: E402
+from cid_jax import sampling as pl  # noqa: E402
+from tests.helpers import (abstract_trainable, export_trainable, inference_demo_config, perturb_torch,  # noqa: E402
+                           random_params)
 from tests.torch_reference import consistentid as ref  # noqa: E402
 from tests.torch_reference import pipeline as ref_pipeline  # noqa: E402
 
@@ -23,41 +24,32 @@ STEPS = 4
 setup_paths = {}
 
 
-def _perturb_torch(module, gen_, scale=0.02):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen_))
-    return module
-
-
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory):
-    from cid_jax.models import build as build_lib
+    from cid_jax import build as build_lib
+    from cid_jax.models import presets
     from cid_jax.weights.state_dict import read_state_dict
 
-    tiny = tiny_config().model.tiny
+    tiny = presets.get("tiny-sd15")
     root = tmp_path_factory.mktemp("parity")
-    g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    unet = _perturb_torch(diffusers.UNet2DConditionModel(**dict(tiny.unet)), g)
-    vae = _perturb_torch(diffusers.AutoencoderKL(**dict(tiny.vae)), g)
-    text = _perturb_torch(transformers.CLIPTextModel(transformers.CLIPTextConfig(**dict(tiny.text[0]))), g)
-    vision = _perturb_torch(transformers.CLIPVisionModelWithProjection(
-        transformers.CLIPVisionConfig(**dict(tiny.vision))), g)
+    unet = perturb_torch(diffusers.UNet2DConditionModel(**tiny["unet"]), 0)
+    vae = perturb_torch(diffusers.AutoencoderKL(**tiny["vae"]), 1)
+    text = perturb_torch(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny["text"][0])), 2)
+    vision = perturb_torch(transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**tiny["vision"])), 3)
     for m, sub in ((unet, "base/unet"), (vae, "base/vae"), (text, "base/text_encoder"), (vision, "clip")):
-        m.eval()
         m.save_pretrained(root / sub)
 
-    config = tiny_config()
-    config.model.tiny = None
+    config = inference_demo_config()
+    config.model.preset = ""
     config.model.base, config.model.image_encoder = str(root / "base"), str(root / "clip")
-    config = gen.inference_config(config, "float32")
     model = build_lib.build_modules(config)
-    frozen = build_lib.load_frozen_pretrained(model, config)
-    trainable = random_params(abstract_trainable(model, frozen), seed=2)
+    frozen = build_lib.load_frozen(model, config)
+    trainable = random_params(abstract_trainable(model), seed=2)
     ckpt = root / "consistentid.safetensors"
-    export_trainable(trainable, model, ckpt)
-    loaded_trainable, _ = gen.load_trainable_file(ckpt, config, model)
+    export_trainable(trainable, config, ckpt)
+    loaded_trainable, _ = gen.load_trainable_file(ckpt, config)
 
     # PyTorch ConsistentID modules from the exported file.
     groups = {}
@@ -65,13 +57,13 @@ def setup(tmp_path_factory):
         grp, _, rest = k.partition(".")
         groups.setdefault(grp, {})[rest] = torch.from_numpy(np.array(v))
     fe_cfg = config.model.facial_encoder
-    c, d = tiny.unet["cross_attention_dim"], tiny.vision["hidden_size"]
+    c, d = tiny["unet"]["cross_attention_dim"], tiny["vision"]["hidden_size"]
     fe = ref.FacialEncoder(embedding_dim=d, output_dim=c, embed_dim=c)
     fe.visual_projection = ref.AttentionMLP(d, c, dim=fe_cfg.dim, depth=fe_cfg.depth,
                                             dim_head=fe_cfg.dim // fe_cfg.heads, heads=fe_cfg.heads)
     fe.load_state_dict(groups["FacialEncoder"], strict=True)
     proj = ref.ProjPlusModel(c, 512, d, 4)
-    proj.load_state_dict(groups["image_proj"], strict=True)
+    proj.load_state_dict(groups["image_proj_model"], strict=True)  # the flat file's group name
     adapters = ref.set_consistentid_processors(unet, rank=config.model.lora_rank, num_tokens=4)
     adapters.load_state_dict(groups["adapter_modules"], strict=True)
     torch_models = dict(unet=unet.eval(), vae=vae, text=text, vision=vision, fe=fe.eval(), proj=proj.eval())
@@ -170,8 +162,50 @@ def test_run_pytorch_script_matches_jax(setup, jax_sampling):
     rp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rp)
     runner = rp.ConsistentIDTorch(root / "consistentid.safetensors", root / "base", root / "clip",
-                                  sampler="euler", facial_encoder_heads=tiny_config().model.facial_encoder.heads)
+                                  sampler="euler", facial_encoder_heads=inference_demo_config().model.facial_encoder.heads)
     got = runner(inputs, noise, STEPS, 1, 5.0)
     want, _ = jax_sampling("euler", 1)
     err = np.abs(got - want).max()
     assert err < 2e-3, f"image max err {err}"
+
+
+def test_both_command_lines_keep_right_side_parts(setup, tmp_path, capsys, caplog):
+    """`python -m cid_jax.generate` and `convert/run_pytorch.py` end to end on a parsing map whose
+    left eye, left ear and upper lip are missing (hair over the face, a closed mouth): both compose
+    the facial prompt with all five words, as the reference keeps Right_Eye, Right_Ear and
+    Lower_Lip, and both write the same image."""
+    import importlib.util
+
+    import skimage.data
+    from PIL import Image
+
+    from cid_jax.face import template_parse
+    from cid_jax.face.parsing import L_EAR, L_EYE, R_EAR, R_EYE, SKIN, U_LIP
+
+    root = setup_paths["root"]
+    photo = skimage.data.astronaut()
+    labels = template_parse(photo)
+    assert {R_EYE, R_EAR} <= set(np.unique(labels).tolist())
+    labels = np.where(np.isin(labels, [L_EYE, L_EAR, U_LIP]), SKIN, labels).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "face.png")
+    Image.fromarray(labels).save(tmp_path / "parsing.png")
+    common = [f"--checkpoint={root / 'consistentid.safetensors'}", f"--base={root / 'base'}",
+              f"--image_encoder={root / 'clip'}", f"--image={tmp_path / 'face.png'}",
+              f"--parsing={tmp_path / 'parsing.png'}", "--prompt=a portrait", "--steps=3", "--merge_step=1",
+              "--height=64", "--width=64", "--seed=5"]
+    with caplog.at_level("INFO", logger="cid_jax.generate"):
+        assert gen.main(common + ["--dtype=float32", f"--out={tmp_path / 'jax.png'}"]) == 0
+    ours_prompt = [r.getMessage() for r in caplog.records if r.getMessage().startswith("facial prompt:")]
+    spec = importlib.util.spec_from_file_location("run_pytorch", pathlib.Path(__file__).resolve().parent.parent
+                                                  / "convert" / "run_pytorch.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    heads = inference_demo_config().model.facial_encoder.heads
+    assert rp.main(common + [f"--facial_encoder_heads={heads}", f"--out={tmp_path / 'torch.png'}"]) == 0
+    theirs_prompt = [line for line in capsys.readouterr().err.splitlines() if line.startswith("facial prompt:")]
+    prompts = ours_prompt + theirs_prompt
+    assert len(prompts) == 2 and prompts[0] == prompts[1]
+    for word in ("face", "ears", "eyes", "nose", "mouth"):
+        assert f"{word} <|facial|>" in prompts[0], (word, prompts[0])
+    ours, theirs = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("jax", "torch"))
+    assert ours.shape == theirs.shape == (64, 64, 3) and np.abs(ours - theirs).max() <= 1

@@ -7,12 +7,11 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from cid_jax import sharding
-from cid_jax.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNet2DConditionModel, UNetConfig
-from cid_jax.weights.unet import abstract_unet_params
+from cid_jax.models.init import random_params
+from cid_jax.models import presets
+from cid_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_unet_params
 
-TINY = UNetConfig(block_out_channels=(32, 64), down_block_types=(CROSS_DOWN, PLAIN_DOWN),
-                  up_block_types=(PLAIN_UP, CROSS_UP), layers_per_block=1, attention_head_dim=2,
-                  cross_attention_dim=32, norm_num_groups=8, sample_size=16)
+TINY = UNetConfig.from_dict(presets.get("tiny-sd15")["unet"])
 
 
 def test_param_partition_specs_follow_the_rules():
@@ -40,9 +39,9 @@ def test_sharded_forward_equals_unsharded(rng):
     mesh = sharding.make_mesh(data=4, fsdp=2)
     model = UNet2DConditionModel(TINY)
     x = jnp.asarray(rng.standard_normal((8, 16, 16, 4)), jnp.float32)
-    ctx = jnp.asarray(rng.standard_normal((8, 7, 32)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((8, 7, TINY.cross_attention_dim)), jnp.float32)
     t = jnp.arange(8) * 100
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), x, t, ctx)["params"])
+    params = random_params(abstract_unet_params(model), seed=1)  # no jitted init to compile
     expected = jax.jit(model.apply)({"params": params}, x, t, ctx)
 
     p_sh = sharding.param_shardings(abstract_unet_params(model, boxed=True), mesh)

@@ -6,7 +6,6 @@ transformers; both sides then get the ConsistentID trigger tokens. Ids, batches 
 must be identical on curated prompts and on random strings that mix ASCII, punctuation, digits,
 unusual whitespace, accents, CJK, emoji and the trigger tokens.
 """
-import gzip
 import json
 import pickle
 import random
@@ -14,7 +13,8 @@ import random
 import numpy as np
 import pytest
 
-from cid_jax.text.tokenizer import _ASSET, CLIPTokenizer
+from cid_jax.text.tokenizer import CLIPTokenizer
+from tests.helpers import write_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,42 +44,11 @@ PROMPTS = [
 ]
 
 
-def _rendered_vocab_and_merges():
-    """OpenAI's recipe, written out here: byte alphabet, </w> forms, merges[1:48895], specials."""
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in printable]
-    chars += [chr(256 + n) for n in range(256 - len(printable))]
-    lines = gzip.open(_ASSET).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(vocab)}, merges
-
-
-def _special(content):
-    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-
-
-def _write_folder(path, pad_token):
-    """An SD-style tokenizer folder (SD1.5 tokenizer/: pad <|endoftext|>; SDXL tokenizer_2/: "!")."""
-    vocab, merges = _rendered_vocab_and_merges()
-    path.mkdir()
-    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    specials = {"bos_token": _special("<|startoftext|>"), "eos_token": _special("<|endoftext|>"),
-                "unk_token": _special("<|endoftext|>"), "pad_token": pad_token}
-    config = dict(specials, model_max_length=77, do_lower_case=True, errors="replace",
-                  tokenizer_class="CLIPTokenizer", add_prefix_space=False)
-    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    (path / "special_tokens_map.json").write_text(json.dumps(specials), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenizers")
-    return {"sd": _write_folder(root / "tokenizer", "<|endoftext|>"),
-            "sdxl2": _write_folder(root / "tokenizer_2", "!")}
+    return {"sd": write_hf_tokenizer(root / "tokenizer", "<|endoftext|>"),
+            "sdxl2": write_hf_tokenizer(root / "tokenizer_2", "!")}
 
 
 @pytest.fixture(scope="session")

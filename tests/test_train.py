@@ -11,23 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from cid_jax import export, trainer
-from tests.test_train_step import tiny_config
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def train_config(data_path, num_steps):
-    c = tiny_config()
-    c.data.path = str(data_path)
-    c.data.synthetic = 0
-    c.train.num_steps = num_steps
-    c.train.log_every = 1
-    c.train.image_every = 10
-    c.checkpoint.every_steps = 5
-    c.checkpoint.async_save = False
-    c.optim.lr = 1e-3   # a short run should visibly learn
-    return c
+from cid_jax import export, run, trainer
+from tests.helpers import REPO, train_config
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +46,10 @@ def test_demo_architecture_trains_end_to_end(full_run):
     assert (wd / "loss_curves.png").exists() and list((wd / "images").glob("attention_*.png"))
     assert list((wd / "tensorboard").iterdir())
     # Export at the end of a run, read back by the reference-layout loader.
-    paths = export.export_run(config, result.trainable, wd, result.step)
+    paths = export.export_run(config, result.trainable, run.RunDir(wd), result.step)
     for p in paths:
         assert p.exists() and p.stat().st_size > 0
-    restored_config, params, step = export.restore_trainable(wd)
+    restored_config, params, step = run.restore_trainable(run.RunDir(wd))
     assert step == 20 and restored_config.train.num_steps == 20
     jax.tree.map(np.testing.assert_array_equal, params, result.trainable)
 
@@ -82,7 +67,7 @@ def test_interrupted_run_resumes_bitwise(full_run, dataset, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
     config = train_config(dataset, 20)
-    source = trainer.fgid_batches(config, tmp_path)
+    source = trainer.input_batches(config, run.RunDir(tmp_path))
 
     def batches(start):
         for i, b in enumerate(source(start)):
@@ -92,7 +77,7 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
 
     result = trainer.train(config, tmp_path, batches)
     assert result.preempted and 7 <= result.step < 20
-    _, params, step = export.restore_trainable(tmp_path)
+    _, params, step = run.restore_trainable(run.RunDir(tmp_path))
     assert step == result.step
     jax.tree.map(np.testing.assert_array_equal, params, result.trainable)
 

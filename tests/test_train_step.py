@@ -4,23 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cid_jax import build as build_lib
 from cid_jax import sharding, trainer
-from cid_jax.models import build as build_lib
-from configs import demo
+from cid_jax.data.batch import spec_for_config
+from tests.helpers import small_train_config as tiny_config
 
 
-def tiny_config():
-    c = demo.get_config()
-    c.data.resolution = 64
-    c.data.mask_resolution = 32
-    c.train.global_batch = 8
-    c.model.tiny.vae.sample_size = 64
-    return c
-
-
-def random_batch(config, model, seed=0):
+def random_batch(config, seed=0):
     r = np.random.default_rng(seed)
-    spec = trainer.batch_spec(config, model)
+    spec = spec_for_config(config)
     out = {}
     for k, s in spec.items():
         if s.dtype == bool:
@@ -36,8 +28,7 @@ def random_batch(config, model, seed=0):
 
 def run_one_step(config, mesh, model, frozen, trainable, batch):
     tx = trainer.make_optimizer(config)
-    key = jax.random.key(config.seed)
-    placement = trainer.make_placement(model, tx, mesh, key)
+    placement = trainer.make_placement(model, tx, mesh)
     state, frozen = trainer.place(trainable, frozen, tx, placement)
     gb = trainer.global_batch(batch, placement)
     step = trainer.jit_train_step(model, tx, config, placement, {k: v.ndim for k, v in gb.items()})
@@ -48,8 +39,8 @@ def run_one_step(config, mesh, model, frozen, trainable, batch):
 @pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
     config = tiny_config()
-    model, frozen, trainable = build_lib.build(config, jax.random.key(0))
-    batch = random_batch(config, model)
+    model, frozen, trainable = build_lib.build(config)
+    batch = random_batch(config)
     one = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     eight = sharding.make_mesh(4, 2)
     p1, m1, _ = run_one_step(config, one, model, frozen, trainable, batch)
@@ -78,10 +69,10 @@ def test_frozen_weights_stored_in_the_compute_dtype_change_nothing():
     results = {}
     for storage in ("float32", ""):
         config.model.frozen_dtype = storage
-        model, frozen, trainable = build_lib.build(config, jax.random.key(0))
+        model, frozen, trainable = build_lib.build(config)
         leaves = jax.tree.leaves(frozen)
         assert {x.dtype for x in leaves} == {jnp.dtype(storage or "bfloat16")}
-        results[storage] = run_one_step(config, mesh, model, frozen, trainable, random_batch(config, model))
+        results[storage] = run_one_step(config, mesh, model, frozen, trainable, random_batch(config))
     (p32, m32, _), (p16, m16, _) = results["float32"], results[""]
     assert np.isfinite(m32["loss"]) and m16["loss"] == pytest.approx(m32["loss"], rel=1e-6, abs=1e-7)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p16, p32)

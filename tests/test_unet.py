@@ -8,37 +8,22 @@ import numpy as np
 import pytest
 
 from cid_jax.models import attention as attn_lib
+from cid_jax.models import presets
 from cid_jax.models.unet import SD15_UNET, SDXL_UNET, UNet2DConditionModel, UNetConfig
 from cid_jax.weights.state_dict import WeightsError
-from cid_jax.weights.unet import abstract_unet_params, load_unet
+from cid_jax.models.unet import abstract_unet_params
+from cid_jax.weights.unet import load_unet
+from tests.helpers import perturb_torch
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-TINY_SD15 = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8)
-TINY_SDXL = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2), cross_attention_dim=48,
-    norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
-
-
-def _perturbed(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+TINY_SD15 = presets.get("tiny-sd15")["unet"]   # 3 levels, context 64
+TINY_SDXL = presets.get("tiny-sdxl")["unet"]   # text_time added embedding, context 64, pooled 32
 
 
 def _save(tmp_path_factory, cfg, seed, safe=True):
-    model = _perturbed(diffusers.UNet2DConditionModel(**cfg), seed)
+    model = perturb_torch(diffusers.UNet2DConditionModel(**cfg), seed, 0.1)
     folder = tmp_path_factory.mktemp("unet")
     model.save_pretrained(folder, safe_serialization=safe)
     return model, folder
@@ -65,7 +50,7 @@ def _compare(ours, ref):
 def test_sd15_shaped_unet_matches_diffusers(sd15, rng):
     torch_model, folder = sd15
     module, params = load_unet(folder)
-    x, ctx = _inputs(rng, 2, 16, 7, 32)
+    x, ctx = _inputs(rng, 2, 16, 7, 64)
     t = np.array([10, 741])
     with torch.no_grad():
         ref = torch_model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
@@ -76,9 +61,9 @@ def test_sd15_shaped_unet_matches_diffusers(sd15, rng):
 def test_sdxl_shaped_unet_matches_diffusers(tmp_path_factory, rng):
     torch_model, folder = _save(tmp_path_factory, TINY_SDXL, 1, safe=False)  # the .bin path
     module, params = load_unet(folder)
-    x, ctx = _inputs(rng, 2, 16, 5, 48)
+    x, ctx = _inputs(rng, 2, 16, 5, 64)
     t = np.array([3, 999])
-    text_embeds = rng.standard_normal((2, 16)).astype(np.float32)
+    text_embeds = rng.standard_normal((2, 32)).astype(np.float32)
     time_ids = np.array([[512, 512, 0, 0, 512, 512], [1024, 768, 16, 8, 1024, 1024]], np.float32)
     with torch.no_grad():
         ref = torch_model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx),
@@ -108,7 +93,7 @@ def test_processor_swap_changes_output_exactly(sd15, rng):
 
     base, params = load_unet(folder)
     swapped = UNet2DConditionModel(base.config, processor_plan=plan)
-    x, ctx = _inputs(rng, 1, 16, 7, 32)
+    x, ctx = _inputs(rng, 1, 16, 7, 64)
     x = x.transpose(0, 2, 3, 1)
 
     # The swapped attention's own output must be the default output plus exactly the term, and
@@ -133,7 +118,7 @@ def test_captured_probabilities_shape_and_normalisation(sd15, rng):
     plan = lambda site: functools.partial(attn_lib.DefaultProcessor, capture=site.is_cross)  # noqa: E731
     base, params = load_unet(folder)
     model = UNet2DConditionModel(base.config, processor_plan=plan)
-    x, ctx = _inputs(rng, 2, 16, 7, 32)
+    x, ctx = _inputs(rng, 2, 16, 7, 64)
     out, state = model.apply({"params": params}, x.transpose(0, 2, 3, 1), 5, ctx,
                              mutable=["intermediates"])
     probs = state["intermediates"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"][

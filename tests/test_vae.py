@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cid_jax.models.vae import (SD15_VAE, SD15_VAE_CONFIG, AutoencoderKL, DiagonalGaussian, VAEConfig,
+from cid_jax.models.presets import SD15_VAE as SD15_VAE_CONFIG
+from cid_jax.models.vae import (SD15_VAE, AutoencoderKL, DiagonalGaussian, VAEConfig,
                                 abstract_vae_params)
 from cid_jax.weights.flax_msgpack import write_msgpack_atomic
 from cid_jax.weights.state_dict import WeightsError, torch_key

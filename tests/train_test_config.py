@@ -1,5 +1,5 @@
 """The configuration tests/test_train.py trains with, as a config file for the CLI."""
-from tests.test_train import train_config
+from tests.helpers import train_config
 
 
 def get_config():
