@@ -9,7 +9,7 @@ written with `save_pretrained` (UNet, VAE, CLIP text encoder, CLIP vision encode
 scheduler config), the ConsistentID trainable modules get random values and are exported with
 `cid_jax.export.export_run` (our safetensors layout). Then
 
-* ours:    `cid_jax.generate.load` (the CLI's loader) + `cid_jax.pipeline.Generator`: the three
+* ours:    `cid_jax.generate.load` (the CLI's loader) + `cid_jax.sampling.Generator`: the three
            embedding sets, the whole denoising loop (`lax.scan`) with CFG and the merge switch, and
            the VAE decode in one jitted function;
 * PyTorch: `convert/run_pytorch.py`'s `ConsistentIDTorch` (diffusers UNet2DConditionModel /
@@ -26,12 +26,12 @@ bf16/fp16 both sides hold their weights in that dtype (PyTorch: `.to(dtype)`; ou
 trees cast once, `--keep-fp32-params` to skip). The max abs difference between the two final
 images is printed as a check that the computation is the same (fp32: ~1e-3 or less).
 
-Presets (architectures as diffusers/transformers config fields):
-  tiny  the demo config's tiny models (configs/demo.py), 64 px, 10 steps
-  mid   SD1.5's layout at 1/5 width (UNet 64-128-256-256, 2 layers/block, 8 heads of 8..32),
-        CLIP text 4x256, CLIP vision 4x256 patch 14 (257 tokens like ViT-H), VAE 32-64-128-128,
-        256 px, 20 steps
-  sd15  the real SD1.5 UNet/VAE/CLIP-L text + CLIP ViT-H/14 vision + ConsistentID's default
+Presets (architectures from cid_jax.models.presets, as diffusers/transformers config fields):
+  tiny  tiny-sd15, the demo's tiny models (configs/demo.py), 64 px, 10 steps
+  mid   mid-sd15: SD1.5's layout at 1/5 width (UNet 64-128-256-256, 2 layers/block, 8 heads of
+        8..32), CLIP text 4x256, CLIP vision 4x256 patch 14 (257 tokens like ViT-H), VAE
+        32-64-128-128, 256 px, 20 steps
+  sd15  sd15: the real SD1.5 UNet/VAE/CLIP-L text + CLIP ViT-H/14 vision + ConsistentID's default
         FacialEncoder/ProjPlus/LoRA-128 adapters, 512 px, 50 steps (for a GPU)
 """
 from __future__ import annotations
@@ -52,50 +52,24 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DOWN_SD = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-UP_SD = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-VAE_BLOCKS = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-CLIP_TEXT = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
-                 eos_token_id=49407)
+# Benchmark preset -> (the architecture preset of cid_jax.models.presets both sides build, image
+# side, sampling steps).
+BENCH_PRESETS = {"tiny": ("tiny-sd15", 64, 10), "mid": ("mid-sd15", 256, 20), "sd15": ("sd15", 512, 50)}
 
 
-def _demo_tiny():
-    import importlib.util
+def _preset(name: str) -> dict:
+    """The architecture (diffusers / transformers config fields, one text encoder), size and steps."""
+    from cid_jax.models import presets
 
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    c = demo.get_config()
-    t = c.model.tiny
-    return dict(unet=dict(t.unet), vae=dict(t.vae), text=dict(t.text[0]), vision=dict(t.vision),
-                facial_encoder=dict(c.model.facial_encoder), lora_rank=c.model.lora_rank, size=64, steps=10)
+    arch, size, steps = BENCH_PRESETS[name]
+    p = presets.get(arch)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731  (bookkeeping keys)
+    return dict(arch=arch, unet=strip(p["unet"]), vae=strip(p["vae"]), text=strip(p["text"][0]),
+                vision=strip(p["vision"]), facial_encoder=p["facial_encoder"], lora_rank=p["lora_rank"],
+                size=size, steps=steps)
 
 
-PRESETS = {
-    "tiny": _demo_tiny,
-    "mid": lambda: dict(
-        unet=dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=[64, 128, 256, 256],
-                  layers_per_block=2, attention_head_dim=8, cross_attention_dim=256, norm_num_groups=32,
-                  down_block_types=DOWN_SD, up_block_types=UP_SD),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 128, 128],
-                 layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215, **VAE_BLOCKS),
-        text=dict(CLIP_TEXT, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                  projection_dim=256),
-        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                    image_size=224, patch_size=14, hidden_act="gelu", projection_dim=256),
-        facial_encoder=dict(dim=256, depth=2, heads=4), lora_rank=32, size=256, steps=20),
-    "sd15": lambda: dict(
-        unet=dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-                  layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
-                  down_block_types=DOWN_SD, up_block_types=UP_SD),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-                 layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215, **VAE_BLOCKS),
-        text=dict(CLIP_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  projection_dim=768),
-        vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                    image_size=224, patch_size=14, hidden_act="gelu", projection_dim=1024, layer_norm_eps=1e-5),
-        facial_encoder={}, lora_rank=128, size=512, steps=50),
-}
+PRESETS = {name: (lambda n=name: _preset(n)) for name in BENCH_PRESETS}
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -152,13 +126,9 @@ def _our_config(preset: dict, root: pathlib.Path, seed: int):
 
 
 def _abstract(model):
-    import jax
+    from cid_jax import build as build_lib
 
-    from cid_jax.models import build as build_lib
-
-    key = jax.random.key(0)
-    frozen = jax.eval_shape(lambda: build_lib.init_frozen_random(model, key))
-    return frozen, jax.eval_shape(lambda f: build_lib.init_trainable(model, f, key), frozen)
+    return build_lib.abstract_frozen(model, boxed=False), build_lib.abstract_trainable(model, boxed=False)
 
 
 def write_weights(preset: dict, root: pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -172,8 +142,9 @@ def write_weights(preset: dict, root: pathlib.Path, seed: int = 0) -> pathlib.Pa
     import diffusers
     import torch
 
+    from cid_jax import build as build_lib
     from cid_jax import export
-    from cid_jax.models import build as build_lib
+    from cid_jax.run import RunDir
     from cid_jax.schedulers import SD15_SCHEDULER_CONFIG
 
     shutil.rmtree(root, ignore_errors=True)
@@ -191,7 +162,8 @@ def write_weights(preset: dict, root: pathlib.Path, seed: int = 0) -> pathlib.Pa
     log("random ConsistentID trainable params -> cid_jax.export.export_run")
     trainable = random_params(_abstract(model)[1], seed)
     workdir.mkdir(parents=True)
-    export.export_run(config, trainable, workdir, step=0, out=workdir / "consistentid.safetensors", dtype="fp32")
+    export.export_run(config, trainable, RunDir(workdir), step=0, out=workdir / "consistentid.safetensors",
+                      dtype="fp32")
     (workdir / "config.json").write_text(config.to_json())
     marker.write_text(json.dumps(preset))
     return workdir
@@ -205,8 +177,8 @@ def dry_run(name: str) -> str:
     import numpy as np
     import torch
 
+    from cid_jax import build as build_lib
     from cid_jax import export
-    from cid_jax.models import build as build_lib
     from cid_jax.weights import consistentid as cw
 
     preset = PRESETS[name]()
@@ -228,7 +200,7 @@ def dry_run(name: str) -> str:
             lines.append(f"  {sub}: PyTorch {theirs / 1e6:.2f} M params, ours {ours[sub] / 1e6:.2f} M")
             if theirs != ours[sub]:
                 raise SystemExit(f"{name}: {sub} parameter counts differ: PyTorch {theirs} vs ours {ours[sub]}")
-        layout = export.layout_for_config(config, model)
+        layout = export.layout_for_config(config)
         if name == "sd15":
             want = {g: sorted((k, tuple(s)) for k, s in v) for g, v in cw.reference_keys(cw.SD15).items()}
             got = {g: sorted((k, tuple(s)) for k, s in v) for g, v in cw.reference_keys(layout).items()}
@@ -247,7 +219,7 @@ def host_inputs(loaded, batch: int, size: int, steps: int, sampler: str):
     import numpy as np
     import skimage.data
 
-    from cid_jax import pipeline as pl
+    from cid_jax import sampling as pl
     from cid_jax.face import template_parse
     from cid_jax.text import DEFAULT_CAPTION_SD15
 
@@ -268,7 +240,7 @@ def run_preset(name: str, args) -> dict:
     import torch
 
     from cid_jax import generate as gen
-    from cid_jax import pipeline as pl
+    from cid_jax import sampling as pl
 
     preset = PRESETS[name]()
     steps = args.steps or preset["steps"]
@@ -335,8 +307,7 @@ def attention_note() -> str:
     from cid_jax.models import attention
 
     probes = attention.CUDNN_PROBES
-    mode = attention.ATTENTION_KERNEL["mode"]
-    return f"{mode}" + (f", cuDNN on {sum(probes.values())}/{len(probes)} shapes" if probes else "")
+    return "auto" + (f", cuDNN on {sum(probes.values())}/{len(probes)} shapes" if probes else "")
 
 
 def report(results: list[dict], args) -> str:

@@ -17,8 +17,9 @@ architecture sizes and the same random batch; each runs in its own subprocess (o
 Reported: median of `--runs` timed steps after `--warmup` untimed steps (ours: after compilation,
 whose time is reported separately; PyTorch on CPU needs ~2 steps before its step time settles).
 
-Weights are random (`model.tiny` path of cid_jax.models.build): the step's cost does not depend on
-the weight values, and this keeps the benchmark free of downloads.
+Weights are random (a `model.preset` of cid_jax.models.presets, drawn by cid_jax.build without
+compiling anything): the step's cost does not depend on the weight values, and this keeps the
+benchmark free of downloads.
 
 CPU, mid-size config (results in benchmarks/results/train_step.md):
 
@@ -51,52 +52,23 @@ def _peak_rss_gib() -> float:
 # -------------------------------------------------------------------------- architecture sizes
 
 
+# Benchmark preset -> the architecture preset of cid_jax.models.presets (both sides build from it),
+# and the training image / mask resolution of each.
+PRESETS = {"tiny": "tiny-sd15", "mid": "mid-sd15", "sd15": "sd15"}
+DATA_SIZES = {"tiny": (64, 32), "mid": (256, 64), "sd15": (512, 64)}
+
+
 def preset_sizes(preset: str) -> dict:
     """Architectures (diffusers / transformers config fields) shared by both implementations."""
-    if preset == "mid":
-        return dict(
-            resolution=256, mask_resolution=64, lora_rank=32,
-            unet=dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=[64, 128, 256],
-                      layers_per_block=2, attention_head_dim=4, cross_attention_dim=256, norm_num_groups=32,
-                      down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                      up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-            vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 128, 128],
-                     layers_per_block=1, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
-                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
-            text=dict(vocab_size=49408, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-                      eos_token_id=49407, projection_dim=256),
-            vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=224, patch_size=14, hidden_act="gelu", projection_dim=256),
-            facial_encoder=dict(dim=256, depth=4, heads=4))
-    if preset == "sd15":  # SD1.5 UNet/VAE/CLIP-L text, CLIP-H vision, reference adapter sizes
-        return dict(
-            resolution=512, mask_resolution=64, lora_rank=128,
-            unet=dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-                      layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
-                      down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                      up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
-            vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-                     layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
-            text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                      eos_token_id=49407, projection_dim=768),
-            vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                        image_size=224, patch_size=14, hidden_act="gelu", projection_dim=1024),
-            facial_encoder=dict(dim=1024, depth=8, heads=16))
-    if preset == "tiny":  # smoke test of the script itself (seconds)
-        s = preset_sizes("mid")
-        s.update(resolution=64, mask_resolution=32, lora_rank=4, facial_encoder=dict(dim=32, depth=1, heads=2))
-        s["unet"].update(sample_size=8, block_out_channels=[32, 64, 64], layers_per_block=1, attention_head_dim=2,
-                         cross_attention_dim=64, norm_num_groups=8)
-        s["vae"].update(block_out_channels=[16, 32, 32, 32], norm_num_groups=8, sample_size=64)
-        s["text"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                         projection_dim=64)
-        s["vision"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=32, projection_dim=32)
-        return s
-    raise ValueError(f"unknown --preset {preset!r} (tiny, mid or sd15)")
+    sys.path.insert(0, REPO)
+    from cid_jax.models import presets  # plain Python: no JAX on the PyTorch side
+
+    p = presets.get(PRESETS[preset])
+    resolution, mask_resolution = DATA_SIZES[preset]
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731  (bookkeeping keys)
+    return dict(preset=PRESETS[preset], resolution=resolution, mask_resolution=mask_resolution,
+                lora_rank=p["lora_rank"], unet=strip(p["unet"]), vae=strip(p["vae"]), text=strip(p["text"][0]),
+                vision=strip(p["vision"]), facial_encoder=p["facial_encoder"])
 
 
 def random_batch(sizes: dict, batch: int, seed: int = 0) -> dict:
@@ -133,38 +105,35 @@ def run_jax(args) -> dict:
     import jax
     import ml_collections
 
+    from cid_jax import build as build_lib
     from cid_jax import sharding, trainer
+    from cid_jax.config_base import base_config
+    from cid_jax.data.batch import spec_for_config
     from cid_jax.models import attention
-    from cid_jax.models import build as build_lib
-    from configs import demo
-
-    attention.set_attention_kernel(args.attention)
 
     sizes = preset_sizes(args.preset)
-    c = demo.get_config()
-    c.model.tiny = ml_collections.ConfigDict(dict(unet=sizes["unet"], vae=sizes["vae"], text=[sizes["text"]],
-                                                  vision=sizes["vision"]))
+    c = base_config()
+    c.model.preset = sizes["preset"]
     c.model.facial_encoder = ml_collections.ConfigDict(sizes["facial_encoder"])
     c.model.lora_rank = sizes["lora_rank"]
     c.model.dtype = args.dtype
     c.model.remat = args.remat
+    c.model.attention = args.attention
     c.model.facial_loss_mode = "cross" if args.facial else "none"
     c.data.resolution, c.data.mask_resolution = sizes["resolution"], sizes["mask_resolution"]
     c.train.global_batch = args.batch
 
     t0 = time.perf_counter()
-    model, frozen, trainable = build_lib.build(c, jax.random.key(0))
+    model, frozen, trainable = build_lib.build(c)
     build_s = time.perf_counter() - t0
     print(f"ours: built the models in {build_s:.0f} s", file=sys.stderr, flush=True)
     batch = random_batch(sizes, args.batch)
-    spec = trainer.batch_spec(c, model)
-    for k, s in spec.items():  # the benchmark batch honours the trainer's input contract
+    for k, s in spec_for_config(c).items():  # the benchmark batch honours the trainer's input contract
         assert batch[k].shape == s.shape and batch[k].dtype == s.dtype, (k, batch[k].shape, s)
 
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     tx = trainer.make_optimizer(c)
-    key = jax.random.key(c.seed)
-    placement = trainer.make_placement(model, tx, mesh, key)
+    placement = trainer.make_placement(model, tx, mesh)
     state, frozen = trainer.place(trainable, frozen, tx, placement)
     del trainable
     gb = trainer.global_batch(batch, placement)

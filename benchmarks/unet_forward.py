@@ -29,8 +29,7 @@ def run_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from cid_jax.models.unet import SD15_UNET, UNet2DConditionModel
-    from cid_jax.weights.unet import abstract_unet_params
+    from cid_jax.models.unet import SD15_UNET, UNet2DConditionModel, abstract_unet_params
 
     model = UNet2DConditionModel(SD15_UNET)
     rng = np.random.default_rng(0)

@@ -93,6 +93,22 @@ def inference_config(config, dtype: Optional[str] = None):
     return config
 
 
+def fit_config_to_file(config, path: pathlib.Path):
+    """The trainable parts' sizes (LoRA rank, FacialEncoder width/depth/heads) of a checkpoint file,
+    written into `config` (a released file has the reference's; our exports may be smaller)."""
+    import ml_collections
+
+    from cid_jax.weights import consistentid as cw
+
+    sizes = cw.sizes_of(cw.read_groups(path), cw.read_metadata(path))
+    config = config.copy_and_resolve_references()
+    if "lora_rank" in sizes:
+        config.model.lora_rank = sizes["lora_rank"]
+    if "facial_encoder" in sizes:
+        config.model.facial_encoder = ml_collections.ConfigDict(sizes["facial_encoder"])
+    return config
+
+
 def load_trainable_file(path: pathlib.Path, config) -> tuple[dict, dict]:
     """A reference-layout checkpoint (`.bin` / `.safetensors`, ours or the released one) into our
     trainable tree, strictly against this config's layout. Returns (trainable, metadata)."""
@@ -141,7 +157,12 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
         raise cli.MissingError(f"checkpoint {ckpt} does not exist (a training run directory, an exported "
                                ".safetensors or a reference ConsistentID .bin)")
     run = run_lib.RunDir.of(ckpt) if run_lib.RunDir.looks_like_run(ckpt) else None
-    config = run_lib.read_config(run) if run is not None and base is None else base_config(base, image_encoder)
+    if run is not None and base is None:
+        config = run_lib.read_config(run)
+    else:
+        config = base_config(base, image_encoder)
+        if ckpt.is_file():
+            config = fit_config_to_file(config, ckpt)
     config = inference_config(config, dtype)
     build_lib.check_weight_folders(config)
     model = build_lib.build_modules(config)

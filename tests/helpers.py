@@ -90,7 +90,9 @@ def export_trainable(trainable, config, path, pairing: str = "reference"):
     from cid_jax import export
 
     layout = export.layout_for_config(config)
-    return export.save(trainable, layout, path, metadata={"pairing": pairing, "layout": layout.base})
+    config = config.copy_and_resolve_references()
+    config.data.pairing = pairing
+    return export.save(trainable, layout, path, metadata=export.run_metadata(config, layout, 0, "fp32"))
 
 
 def perturb_torch(module, seed: int, scale: float = 0.02):

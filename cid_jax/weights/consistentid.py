@@ -407,6 +407,24 @@ def detect_layout(groups: Mapping[str, StateDict]) -> CheckpointLayout:
     raise WeightsError(f"cannot tell SD1.5 from SDXL for groups {sorted(groups)}: pass the layout")
 
 
+def sizes_of(groups: Mapping[str, StateDict], metadata: Optional[Mapping[str, str]] = None) -> dict:
+    """The trainable parts' sizes a checkpoint was made with, from its tensors' shapes (and the
+    FacialEncoder's head count from our exports' metadata, else the reference's width // 64):
+    {"lora_rank", "facial_encoder": {"dim", "depth", "heads"}} (keys absent when the group is)."""
+    meta, out = dict(metadata or {}), {}
+    ad = groups.get(ADAPTERS) or groups.get(IP_ADAPTER) or {}
+    downs = [np.shape(v) for k, v in ad.items() if k.endswith("to_q_lora.down.weight")]
+    if downs:
+        out["lora_rank"] = int(downs[0][0])
+    fe = groups.get(FACIAL_ENCODER) or {}
+    if "visual_projection.latents" in fe:
+        dim = int(np.shape(fe["visual_projection.latents"])[-1])
+        depth = len({k.split(".")[2] for k in fe if k.startswith("visual_projection.layers.")})
+        out["facial_encoder"] = dict(dim=dim, depth=depth,
+                                     heads=int(meta.get("facial_encoder_heads", max(1, dim // 64))))
+    return out
+
+
 def read_groups(path: os.PathLike) -> dict[str, StateDict]:
     """A reference `.bin` (nested, torch.load weights_only) or prefixed `.safetensors` -> groups."""
     return split_groups(read_state_dict(path))
