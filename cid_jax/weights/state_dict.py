@@ -11,6 +11,7 @@ so a module named `linear_1` stays `linear_1` (the pitfall of regex-based conver
 """
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import tempfile
@@ -83,6 +84,49 @@ def flatten_nested(tree: Mapping, sep: str = ".") -> dict:
     return out
 
 
+def _safetensors_dtypes() -> dict:
+    import ml_dtypes
+
+    return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+_SAFETENSORS_DTYPES = _safetensors_dtypes()
+
+
+def _safetensors_header(path: pathlib.Path) -> tuple[dict, int]:
+    """(the JSON header, the byte offset of the data) of a safetensors file: an 8-byte little-endian
+    header length, the header, then the tensors' bytes (the format's specification)."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise WeightsError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise WeightsError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise WeightsError(f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}")
+    return header, 8 + n
+
+
+def _read_tensor(path: pathlib.Path, offset: int, dtype, shape) -> np.ndarray:
+    out = np.empty(shape, dtype)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+            raise WeightsError(f"{path}: truncated while reading a tensor at byte {offset}")
+    if out.dtype.name == "bfloat16":  # numpy has no bf16 arithmetic: widen, exactly
+        out = out.astype(np.float32)
+    return out
+
+
 class LazyStateDict(Mapping):
     """A read-only state dict over one or more checkpoint files that reads each tensor when it is
     asked for and keeps none, so converting a model tensor by tensor needs about one copy of its
@@ -109,27 +153,18 @@ class LazyStateDict(Mapping):
         return self
 
     def _add_safetensors(self, path: pathlib.Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            handle = safe_open(str(path), framework="numpy")
-            keys = list(handle.keys())
-        except (SafetensorError, OSError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-
-        def get(key):
-            try:
-                return handle.get_tensor(key)
-            except TypeError:  # bf16: numpy cannot hold it; widen it exactly through the flax reader
-                from safetensors.flax import safe_open as flax_open
-
-                with flax_open(str(path), framework="flax") as f:
-                    return np.asarray(f.get_tensor(key), dtype=np.float32)
-            except SafetensorError as e:
-                raise WeightsError(f"{path}: tensor {key} is unreadable ({e})") from None
-
-        for k in keys:
-            self._get[k] = (lambda key: lambda: get(key))(k)
+        """Reads the header once; each tensor is then one positioned read into a fresh array. Plain
+        reads, not a memory map: the file's pages stay in the page cache, outside this process."""
+        header, data_start = _safetensors_header(path)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if dtype is None or end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+                raise WeightsError(f"{path}: tensor {key} has an unsupported dtype {info['dtype']!r} or a wrong size")
+            self._get[key] = functools.partial(_read_tensor, path, data_start + begin, dtype, shape)
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._get[key]()
