@@ -455,12 +455,14 @@ def _main(argv):
     del argv
     f = flags.FLAGS
     command = "python -m cid_jax.aot " + " ".join(sys.argv[1:])
+    from cid_jax.config_base import config_problems
+
+    problems = config_problems(f.config)
+    if problems:
+        raise SetupError(f"{len(problems)} config value(s) cannot work:\n  " + "\n  ".join(problems))
     try:
         plan = make_plan(f.config, f.topology)
         report = compile_plan(plan, mfu=f.mfu, top_k=f.top_k)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except DoesNotFit as e:
         print(f"DOES NOT FIT on {f.topology}: the TPU compiler ran out of HBM:\n{e.compiler_message[-1500:]}\n"
               "\nto make it fit, turn one of these knobs:\n  " + "\n  ".join(e.advice()), file=sys.stderr)
@@ -491,8 +493,10 @@ def main():
     flags.DEFINE_integer("top_k", 8, "How many of the largest arrays to list with their sharding.")
     flags.DEFINE_string("output", None, "Also write the table to this file.")
     flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
+    flags.DEFINE_bool("debug", cli.debug_requested([]), "Show the traceback of an error (or CID_DEBUG=1).")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(lambda argv: sys.exit(_main(argv)))
+    app.run(lambda argv: sys.exit(cli.guarded("aot", lambda: _main(argv), debug=flags.FLAGS.debug)),
+            flags_parser=cli.absl_flags_parser("aot"))
 
 
 if __name__ == "__main__":

@@ -288,3 +288,16 @@ def build(config) -> tuple[ConsistentID, dict, dict]:
     frozen = base_weights(model, config)
     trainable = init_trainable(model, frozen["unet"], stream_seed(config, "trainable"))
     return model, cast_floating(frozen, frozen_dtype(config)), trainable
+
+
+def checkpoint_layout(config):
+    """The ConsistentID checkpoint key layout of a config's architecture (reads only the UNet's and
+    the image encoder's config.json, or the preset): what exports write and `init_from` must fit."""
+    from cid_jax.weights import consistentid as cw
+
+    arch = architecture(config, ("unet", "vision"))
+    fe = facial_encoder_sizes(config)
+    return cw.layout_for(arch["unet"], base=config.model.variant, rank=int(config.model.lora_rank),
+                         num_tokens=int(config.model.num_id_tokens),
+                         clip_dim=CLIPVisionConfig.from_dict(arch["vision"]).hidden_size,
+                         fe_dim=fe["dim"], fe_depth=fe["depth"], fe_heads=fe["heads"])

@@ -88,18 +88,39 @@ def report(name: str, error: BaseException) -> int:
     return code
 
 
-def guarded(name: str, fn: Callable[[], int], debug: bool = False) -> int:
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread so that `finally` blocks (temporary files) run."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(128 + signum)
+
+
+def guarded(name: str, fn: Callable[[], int], debug: bool = False, *, sigterm: bool = True) -> int:
     """Runs `fn`; a user error (or an OS error about a path) becomes one line and its exit code.
-    Anything else is a bug: its traceback is printed."""
+    Anything else is a bug: its traceback is printed. With `sigterm`, SIGTERM stops `fn` the way
+    Ctrl-C does, so nothing half-written is left (training handles SIGTERM itself: preemption)."""
+    import signal
+    import threading
+
+    previous = None
+    if sigterm and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn() or EXIT_OK
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"{name}: terminated", file=sys.stderr)
+        return e.code
     except (UserError, *_OS_ERRORS) as e:
         if debug:
             traceback.print_exc()
         return report(name, e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def entry_point(name: str):
@@ -152,3 +173,87 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("dest", canonical[0][2:])
         others = [n for n in names if not n.startswith("--")]
         return super().add_argument(*others, *spellings, **kwargs)
+
+
+# ------------------------------------------------------------------------------ absl tools
+
+
+def _config_override(argv: Sequence[str], error: BaseException) -> Optional[str]:
+    """The `--config.x.y` flag of argv that `error` is about (ml_collections names the missing key
+    in quotes), if one can be told."""
+    import re
+
+    text = _error_text(error)
+    names = set(re.findall(r"'([^'\\]+)'", text)) or {text.strip("\"'")}
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            parts = arg[len("--config."):].split("=", 1)[0].split(".")
+            for i, part in enumerate(parts):
+                if part in names:
+                    return ".".join(parts[:i + 1])
+    return None
+
+
+def _error_text(error: BaseException) -> str:
+    """The message of an error, unwrapped from the KeyError ml_collections wraps in AttributeError."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return str(error.args[0]) if error.args else str(error)
+
+
+def _dotted_fields(config, prefix: str = "") -> list[str]:
+    """Every leaf field of a nested config (anything with .keys()) as a dotted path."""
+    out = []
+    for k in config.keys():
+        v = config[k]
+        out += _dotted_fields(v, f"{prefix}{k}.") if hasattr(v, "keys") and not isinstance(v, str) else [prefix + k]
+    return out
+
+
+def _did_you_mean(argv: Sequence[str], bad_path: str) -> str:
+    """' (did you mean x.y?)' from the config file named by --config, or ''."""
+    import difflib
+    import importlib.util
+
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if not config_file:
+        return ""
+    try:
+        spec = importlib.util.spec_from_file_location("_cid_config", config_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fields = _dotted_fields(module.get_config())
+    except Exception:  # noqa: BLE001 - a hint only
+        return ""
+    depth = bad_path.count(".")
+    candidates = sorted({".".join(f.split(".")[:depth + 1]) for f in fields if f.count(".") >= depth})
+    close = difflib.get_close_matches(bad_path, candidates, n=1, cutoff=0.6)
+    return f" (did you mean --config.{close[0]}?)" if close else ""
+
+
+def absl_flags_parser(name: str):
+    """A `flags_parser` for `absl.app.run`: a flag or config-override mistake becomes one line
+    naming the fix (and the nearest valid config field), exit status 2."""
+    def parse(argv):
+        from absl import flags
+
+        try:
+            rest = flags.FLAGS(argv)
+            for config_flag in ("config",):  # ml_collections reports a bad config file on first use
+                if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:
+                    _ = flags.FLAGS[config_flag].value["seed"]
+            return rest
+        except flags.Error as e:
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            message = "; ".join(lines) if lines else type(e).__name__
+        except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
+            path = _config_override(argv, e) or _error_text(e).splitlines()[0].strip("\"'")
+            message = f"--config.{path}: the config has no such field{_did_you_mean(argv, path)}"
+        except (ValueError, TypeError, OSError) as e:  # the config file itself, or an override's value
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            message = lines[-1] if lines else type(e).__name__
+            if "failure to load" in str(e):
+                message = f"cannot load the --config file: {message}"
+        print(f"{name}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return parse

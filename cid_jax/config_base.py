@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.image_every = 5000                   # attention-map images in TensorBoard (0 = never)
     c.train.export_at_end = True                 # write the PyTorch checkpoint when the run ends
     c.train.export_dtype = "fp16"
+    c.train.allow_config_change = False          # resume even though seed/data/optimizer fields changed
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
@@ -74,3 +75,78 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                             # -1: all devices not used by fsdp
     c.mesh.fsdp = 1                              # parameter sharding width
     return c
+
+
+# ------------------------------------------------------------------------------------- checks
+
+_CHOICES = {
+    "model.variant": ("sd15", "sdxl"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.frozen_dtype": ("", "float32", "bfloat16", "float16"),
+    "model.facial_loss_mode": ("cross", "self", "none"),
+    "model.attention": ("auto", "fused", "chunked", "cudnn"),
+    "noise.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "noise.prediction_type": ("epsilon", "v_prediction"),
+    "data.pairing": ("by_name", "reference"),
+    "train.export_dtype": ("fp32", "fp16"),
+}
+# field: (lowest, highest, integer); None = unbounded.
+_RANGES = {
+    "model.lora_rank": (1, None, True), "model.num_id_tokens": (1, None, True), "model.ip_scale": (None, None, False),
+    "noise.num_train_timesteps": (1, None, True), "noise.beta_start": (0, 1, False), "noise.beta_end": (0, 1, False),
+    "data.synthetic": (0, None, True), "data.resolution": (64, None, True), "data.mask_resolution": (1, None, True),
+    "data.drop_prob": (0, 1, False), "data.foreground_loss_prob": (0, 1, False),
+    "data.max_text_length": (1, None, True), "data.prefetch": (0, None, True),
+    "optim.lr": (0, None, False), "optim.warmup_steps": (0, None, True), "optim.b1": (0, 1, False),
+    "optim.b2": (0, 1, False), "optim.eps": (0, None, False), "optim.weight_decay": (0, None, False),
+    "optim.clip_norm": (0, None, False), "optim.grad_accum": (1, None, True),
+    "train.global_batch": (1, None, True), "train.num_steps": (1, None, True),
+    "train.facial_loss_weight": (0, None, False), "train.log_every": (1, None, True),
+    "train.image_every": (0, None, True), "checkpoint.every_steps": (1, None, True), "checkpoint.keep": (1, None, True),
+    "mesh.fsdp": (1, None, True),
+}
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def config_problems(config) -> list[str]:
+    """Every field of a training config whose value cannot work, as '--config.x.y=v: why' lines."""
+    import math
+
+    problems = []
+    for field, allowed in _CHOICES.items():
+        value = _get(config, field)
+        if value not in allowed:
+            problems.append(f"--config.{field}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+    for field, (lo, hi, integer) in _RANGES.items():
+        value = _get(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            problems.append(f"--config.{field}={value!r}: must be {'an integer' if integer else 'a number'}")
+        elif not math.isfinite(value):
+            problems.append(f"--config.{field}={value!r}: must be finite")
+        elif (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            problems.append(f"--config.{field}={value!r}: must be {bounds}")
+    d = config.data
+    if isinstance(d.resolution, int) and d.resolution % 8:
+        problems.append(f"--config.data.resolution={d.resolution}: must be a multiple of 8 (the VAE's factor)")
+    if isinstance(d.mask_resolution, int) and isinstance(d.resolution, int) and d.mask_resolution > d.resolution:
+        problems.append(f"--config.data.mask_resolution={d.mask_resolution}: must be <= data.resolution "
+                        f"({d.resolution})")
+    if config.mesh.data != -1 and (not isinstance(config.mesh.data, int) or config.mesh.data < 1):
+        problems.append(f"--config.mesh.data={config.mesh.data!r}: must be -1 (every device left) or >= 1")
+    from cid_jax.models import presets, sites
+
+    m = config.model
+    if not m.base and m.get("preset") and m.preset not in presets.NAMES:
+        problems.append(f"--config.model.preset={m.preset!r}: must be one of {', '.join(presets.NAMES)} "
+                        "(or set --config.model.base)")
+    unknown = sorted(set(m.capture_groups) - set(sites.UNET_LAYER_NAMES))
+    if unknown:
+        problems.append(f"--config.model.capture_groups: unknown groups {unknown}; known: {sites.UNET_LAYER_NAMES}")
+    return problems

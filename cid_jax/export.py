@@ -31,16 +31,8 @@ DEFAULT_BASE_MODEL = {"sd15": "runwayml/stable-diffusion-v1-5",
 
 
 def layout_for_config(config) -> cw.CheckpointLayout:
-    """The export key layout of a config's architecture (reads only the UNet's and the image
-    encoder's config.json, or the preset)."""
-    from cid_jax.models.clip import CLIPVisionConfig
-
-    arch = build_lib.architecture(config, ("unet", "vision"))
-    fe = build_lib.facial_encoder_sizes(config)
-    return cw.layout_for(arch["unet"], base=config.model.variant, rank=int(config.model.lora_rank),
-                         num_tokens=int(config.model.num_id_tokens),
-                         clip_dim=CLIPVisionConfig.from_dict(arch["vision"]).hidden_size,
-                         fe_dim=fe["dim"], fe_depth=fe["depth"], fe_heads=fe["heads"])
+    """The export key layout of a config's architecture (`cid_jax.build.checkpoint_layout`)."""
+    return build_lib.checkpoint_layout(config)
 
 
 def run_metadata(config, layout: cw.CheckpointLayout, step, dtype: str) -> dict[str, str]:

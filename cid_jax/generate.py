@@ -290,6 +290,25 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Flag values that cannot work, found before anything is loaded."""
+    import math
+
+    problems = []
+    if args.steps < 1:
+        problems.append(f"--steps={args.steps}: must be >= 1 (the reference uses 50)")
+    if args.num_images < 1:
+        problems.append(f"--num_images={args.num_images}: must be >= 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        problems.append(f"--guidance={args.guidance}: must be a finite number (the reference uses 5; SDXL 7.5)")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            problems.append(f"--{name}={value}: must be a positive multiple of 8 (the VAE's factor)")
+    if problems:
+        raise cli.InputError("; ".join(problems))
+
+
 def analyse_photo(args, variant_name: str):
     """(photo, parsing map, ID embedding or None) of `--image`, with the analysis the flags ask for."""
     from cid_jax import sampling as pl
@@ -312,6 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     quiet_library_logs()
     args = parse_args(argv)
+    check_args(args)
     from cid_jax import sampling as pl
 
     image, label_map, id_embedding = analyse_photo(args, variant(args.checkpoint, args.base))

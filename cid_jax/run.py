@@ -7,6 +7,8 @@
     <workdir>/metrics.jsonl, tensorboard/, images/, loss_curves.png   written by `cid_jax.observe`
     <workdir>/export/                the PyTorch export (`cid_jax.export`)
     <workdir>/data/                  synthetic faces built on the first start (`cid_jax.data.builder`)
+    <workdir>/.lock                  held by the one training process writing the run (`RunLock`)
+    <workdir>/corrupt/<step>-<time>  unreadable checkpoints, moved aside on resume (never deleted)
 
 Training (`cid_jax.trainer`), generation, export and the converters read and write these only
 through this module.
@@ -15,7 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import shutil
+import socket
+import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -43,6 +49,8 @@ class RunDir:
     curves = property(lambda self: self.root / "loss_curves.png")
     export_dir = property(lambda self: self.root / "export")
     data = property(lambda self: self.root / "data")
+    lock_file = property(lambda self: self.root / ".lock")
+    corrupt = property(lambda self: self.root / "corrupt")
 
     @staticmethod
     def looks_like_run(path) -> bool:
@@ -115,13 +123,22 @@ def checkpoint_manager(run: RunDir, config=None, *, read_only: bool = False):
     """The orbax CheckpointManager of the run (`config` sets interval, keep and async saving)."""
     import orbax.checkpoint as ocp
 
-    if read_only:
-        options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-    else:
-        c = config.checkpoint
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=c.every_steps, max_to_keep=c.keep,
-            enable_async_checkpointing=c.get("async_save", True), create=True)
+    if read_only:  # orbax warns that a read-only manager saves nothing, which is the point
+        import logging as std_logging
+
+        absl_logger = std_logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(std_logging.ERROR)
+        try:
+            return ocp.CheckpointManager(str(run.checkpoints.absolute()),
+                                         options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                                         item_names=("state", "meta"))
+        finally:
+            absl_logger.setLevel(level)
+    c = config.checkpoint
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=c.every_steps, max_to_keep=c.keep,
+        enable_async_checkpointing=c.get("async_save", True), create=True)
     return ocp.CheckpointManager(str(run.checkpoints.absolute()), options=options,
                                  item_names=("state", "meta"))
 
@@ -136,22 +153,109 @@ def save(manager, state, config, *, force: bool = False) -> bool:
                                                       meta=ocp.args.JsonSave(meta)), force=force)
 
 
+class CheckpointError(cli.InputError):
+    """A checkpoint cannot be read (names the step and the cause)."""
+
+
+def _first_cause(error: BaseException) -> str:
+    """The innermost cause's first line: orbax wraps tensorstore's actual complaint."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+# Event loops of failed restores, kept open (see `_loops_stay_open_on_failure`).
+_FAILED_RESTORE_LOOPS: list = []
+
+
+def _loops_stay_open_on_failure():
+    """orbax runs a restore on a fresh asyncio loop and closes it when the restore raises; the reads
+    of a damaged checkpoint that are still in flight then complete onto the closed loop, and each
+    prints 'RuntimeError: Event loop is closed' with a traceback from a tensorstore thread (over a
+    thousand for one truncated file). A loop left open takes those callbacks silently. Returns the
+    function to undo it, or None when orbax has no such helper (another version)."""
+    import asyncio
+
+    try:
+        from orbax.checkpoint._src import asyncio_utils
+    except ImportError:
+        return None
+    original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+    if original is None:
+        return None
+
+    def run(coro):
+        loop = asyncio.new_event_loop()
+        try:
+            asyncio.set_event_loop(loop)
+            result = loop.run_until_complete(coro)
+        except BaseException:
+            _FAILED_RESTORE_LOOPS.append(loop)
+            raise
+        finally:
+            asyncio.set_event_loop(None)
+        loop.close()
+        return result
+
+    asyncio_utils._run_sync_via_new_loop = run
+    return lambda: setattr(asyncio_utils, "_run_sync_via_new_loop", original)
+
+
 def restore(manager, step: int, abstract_state=None):
     """(state, meta) of checkpoint `step`; `abstract_state` gives the target tree and shardings
-    (None: as saved, on the host)."""
+    (None: as saved, on the host). A checkpoint that cannot be read raises `CheckpointError`."""
+    import logging as std_logging
+
     import orbax.checkpoint as ocp
 
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    # A damaged file fails many array reads at once; each would log its own traceback.
+    quiet = [std_logging.getLogger(n) for n in ("absl", "orbax", "asyncio", "tensorstore")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(std_logging.CRITICAL)
+    undo = _loops_stay_open_on_failure()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a bad file
+        raise CheckpointError(f"checkpoint {step} cannot be read: {_first_cause(e)}") from e
+    finally:
+        if undo is not None:
+            undo()
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     return restored.state, restored.meta
 
 
-def restore_latest(manager, abstract_state):
-    """(state, meta) of the newest checkpoint, or (None, None) when there is none."""
-    step = manager.latest_step()
-    if step is None:
-        return None, None
-    return restore(manager, step, abstract_state)
+def set_aside(run: RunDir, step: int) -> pathlib.Path:
+    """Moves checkpoint `step` out of checkpoints/ into corrupt/ (kept, never deleted)."""
+    run.corrupt.mkdir(parents=True, exist_ok=True)
+    target = run.corrupt / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.move(str(run.checkpoints / str(step)), str(target))
+    return target
+
+
+def restore_latest(manager, abstract_state, run: Optional[RunDir] = None):
+    """(state, meta) of the newest readable checkpoint, or (None, None) when there is none.
+
+    A checkpoint that cannot be read is logged with its cause and, given `run` (training, on
+    process 0), moved aside to `run.corrupt`; the next older one is tried. If checkpoints exist
+    but none can be read, `CheckpointError` says so (a rerun then starts from scratch)."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return restore(manager, step, abstract_state)
+        except CheckpointError as e:
+            where = ""
+            if run is not None and jax.process_index() == 0:
+                where = f"; moved to {set_aside(run, step)}"
+                manager.reload()
+            logging.warning("%s%s; trying the previous checkpoint", e, where)
+    if steps:
+        raise CheckpointError(f"none of the {len(steps)} checkpoints under {manager.directory} can be read"
+                              + (f" (moved to {run.corrupt}; rerun to start from step 0)" if run else ""))
+    return None, None
 
 
 def _trainable_of(params: Mapping) -> dict:
@@ -163,20 +267,43 @@ def _trainable_of(params: Mapping) -> dict:
 
 
 def restore_trainable(run: RunDir, step: Optional[int] = None):
-    """(config, trainable params as host numpy, step) from the run's newest (or given) checkpoint."""
+    """(config, trainable params as host numpy, step) from the run's newest readable (or the given)
+    checkpoint; an unreadable one is logged and the next older one used."""
     config = read_config(run)
     if not run.checkpoints.is_dir():
         raise cli.MissingError(f"no checkpoints/ under {run.root}")
     manager = checkpoint_manager(run, read_only=True)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+        available = sorted(manager.all_steps(), reverse=True)
+        if not available:
             raise cli.MissingError(f"no checkpoint under {run.checkpoints}")
-        state, _ = restore(manager, step)
+        if step is not None and step not in available:
+            raise cli.MissingError(f"no checkpoint {step} under {run.checkpoints} (steps: {sorted(available)})")
+        steps = [step] if step is not None else available
+        for k, s in enumerate(steps):
+            try:
+                state, _ = restore(manager, s)
+                break
+            except CheckpointError as e:
+                if k + 1 == len(steps):
+                    if len(steps) > 1:
+                        raise CheckpointError(f"none of the {len(steps)} checkpoints under {run.checkpoints} can "
+                                              f"be read (the newest: {e})") from e
+                    raise
+                logging.warning("%s; using checkpoint %d instead", e, steps[k + 1])
     finally:
         manager.close()
     params = state["params"] if isinstance(state, Mapping) else state.params
-    return config, _trainable_of(jax.device_get(params)), int(step)
+    return config, _trainable_of(jax.device_get(params)), int(s)
+
+
+def clean_temporary_saves(run: RunDir) -> list[pathlib.Path]:
+    """Removes the temporary folders of saves that never finished (a crash, a full disk): orbax
+    names them `<step>.orbax-checkpoint-tmp-*`. Only the lock holder may call this."""
+    removed = sorted(run.checkpoints.glob("*.orbax-checkpoint-tmp*")) if run.checkpoints.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 # ---------------------------------------------------------------------------- frozen weights
@@ -224,11 +351,164 @@ def frozen_weights(model, config, run: Optional[RunDir] = None) -> dict:
 # --------------------------------------------------------------------------- trainable init
 
 
-def initial_trainable(model, config, frozen_unet) -> dict:
-    """The trainable params a fresh run starts from: the reference initialisation.
+def read_init_from(config) -> dict:
+    """The trainable groups of `model.init_from`, read strictly against the config's layout before
+    anything is built or compiled: {group: params or None for a group the file lacks}.
 
-    `config.model.init_from` (a ConsistentID / IP-Adapter checkpoint to start from) is read here.
-    """
-    if config.model.get("init_from"):
-        raise NotImplementedError("--config.model.init_from is not implemented yet")
-    return build_lib.init_trainable(model, frozen_unet, build_lib.stream_seed(config, "trainable"))
+    Accepted: a reference ConsistentID `.bin` (SD1.5 nested, or SDXL), our `.safetensors` / `.bin`
+    exports, our params `.msgpack`, and IP-Adapter FaceID-Plus / PlusV2 `.bin` / `.safetensors`
+    (image_proj and the adapters' LoRA + ID K/V; the FacialEncoder keeps its fresh init). A key or
+    shape that does not fit names the key and both shapes. The file's part-image pairing (its
+    metadata; the released weights, which have none: "reference") must be the config's."""
+    from cid_jax.weights import consistentid as cw
+
+    path = pathlib.Path(config.model.init_from).expanduser()
+    if not path.exists():
+        raise cli.MissingError(f"--config.model.init_from={path} does not exist")
+    layout = build_lib.checkpoint_layout(config)
+    if path.suffix == ".msgpack":
+        params, meta = cw.load_params_msgpack(path)
+        cw.check_params(params, layout)
+        kind = "our params file"
+    else:
+        groups = cw.read_groups(path)
+        ip_adapter = cw.IP_ADAPTER in groups
+        params = cw.import_reference(groups, layout,
+                                     required=("image_proj", cw.ADAPTERS) if ip_adapter else cw.OUR_GROUPS)
+        meta = cw.read_metadata(path)
+        kind = "an IP-Adapter FaceID-Plus checkpoint" if ip_adapter else "a ConsistentID checkpoint"
+    if params.get("facial_encoder") is not None:
+        pairing = meta.get("pairing", "reference")  # the released weights carry no metadata
+        if pairing != config.data.pairing:
+            raise cli.InputError(
+                f"--config.model.init_from={path} pairs part images with facial words '{pairing}', this config "
+                f"'{config.data.pairing}': add --config.data.pairing={pairing} (its FacialEncoder learned that "
+                "pairing)")
+    loaded = [g for g in cw.OUR_GROUPS if params.get(g) is not None]
+    fresh = [g for g in cw.OUR_GROUPS if params.get(g) is None]
+    logging.info("init_from %s (%s): %s from the file%s", path, kind, ", ".join(loaded),
+                 f"; {', '.join(fresh)} initialised" if fresh else "")
+    return params
+
+
+def initial_trainable(model, config, frozen_unet, init_params: Optional[Mapping] = None) -> dict:
+    """The trainable params a fresh run starts from: the reference initialisation, with the groups
+    `init_params` (`read_init_from`) holds taking their place."""
+    fresh = build_lib.init_trainable(model, frozen_unet, build_lib.stream_seed(config, "trainable"))
+    for group, value in (init_params or {}).items():
+        if value is None:
+            continue
+        expected = jax.tree.structure(fresh[group])
+        if jax.tree.structure(value) != expected:  # read_init_from checked keys and shapes already
+            raise cli.InputError(f"--config.model.init_from: the {group} group does not fit this model's tree")
+        fresh[group] = jax.tree.map(lambda x: np.asarray(x, np.float32), value)
+    return fresh
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+class RunLock:
+    """The run directory's exclusive lock, held by the one training process that writes it (process
+    0 of a multi-host run), from its start until it exits; the kernel drops it if the process dies.
+    A lock file left by a dead process is taken over, with a log line."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = os.read(fd, 4096).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise cli.BusyError(f"{self.run.root} is being trained by another process ({holder or 'unknown'}): "
+                                "wait for it to finish, or give this run another --workdir") from None
+        if holder:
+            logging.warning("took over the lock of %s, which is no longer running", holder)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        os.ftruncate(self._fd, 0)  # an empty lock file: nobody to report as a dead holder
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ----------------------------------------------------------------------- resuming with a config
+
+# Fields a resumed run may change freely: how long it runs, how it logs, saves and executes.
+FREE_FIELDS = ("train.num_steps", "train.log_every", "train.image_every", "train.export_at_end",
+               "train.export_dtype", "train.allow_config_change", "checkpoint.", "data.num_parallel_calls",
+               "data.prefetch", "model.attention", "model.remat", "model.init_from", "mesh.", "eval.")
+# Fields that change what the checkpoint holds (parameter shapes, the optimizer's state tree): a run
+# cannot resume with other values.
+STRUCTURE_FIELDS = ("model.variant", "model.preset", "model.lora_rank", "model.num_id_tokens",
+                    "model.facial_encoder.", "model.projplus_shortcut", "optim.clip_norm", "optim.warmup_steps",
+                    "optim.grad_accum")
+
+
+def _flat_fields(config) -> dict[str, Any]:
+    data = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+    walk("", data)
+    return out
+
+
+def _matches(field: str, patterns) -> bool:
+    return any(field == p or (p.endswith(".") and field.startswith(p)) for p in patterns)
+
+
+def config_changes(stored, new) -> list[tuple[str, Any, Any]]:
+    """(field, stored value, new value) for every field both configs have and that differs (a field
+    one of them lacks is a config from another cid_jax version: its default applies)."""
+    a, b = _flat_fields(stored), _flat_fields(new)
+    return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+
+
+def check_resume_config(stored, new) -> None:
+    """A resumed run's config against the one it was started with: changes to what the checkpoint
+    holds stop it; other changes (seed, data, learning rate, ...) stop it unless
+    `train.allow_config_change`; changes to run length, logging and saving pass (logged)."""
+    changes = [c for c in config_changes(stored, new) if not _matches(c[0], FREE_FIELDS)]
+    if not changes:
+        return
+    show = lambda cs: "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in cs)  # noqa: E731
+    structure = [c for c in changes if _matches(c[0], STRUCTURE_FIELDS)]
+    if structure:
+        raise cli.InputError(
+            f"this run's checkpoints were made with another model or optimizer: {show(structure)}. Resume with "
+            "the run's values, or start a new --workdir (to start from this run's weights, export them and "
+            "pass --config.model.init_from=FILE)")
+    if not bool(new.train.get("allow_config_change", False)):
+        raise cli.InputError(
+            f"the config differs from the one this run was started with: {show(changes)}. Resume with the "
+            "run's values, or add --config.train.allow_config_change=True to continue with the new ones")
+    logging.warning("resuming with a changed config (allowed): %s", show(changes))

@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import schedulers
+from cid_jax import cli, schedulers
 from cid_jax.data import masks as masks_lib
 from cid_jax.models.consistentid import ConsistentID
 from cid_jax.models.vae import AutoencoderKL
 from cid_jax.text import facial_prompts as fp
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 50
 DEFAULT_MERGE_STEP = 30
@@ -107,12 +110,23 @@ def text_batch(prompt: str, negative_prompt: str, tokenizer, part_names: Sequenc
         prompt_text_only = prompt
     marked, kept = fp.process_text_with_markers(caption, part_names)
     tokens = fp.tokenize_facial_prompt(tokenizer, prompt_face)
+    _warn_if_cut(tokenizer, prompt_face, tokens.input_ids)
     ordered = fp.pair_parts_to_words(kept, pairing, marked) if fp.FACIAL_TOKEN in prompt_face else []
     rows = tokenizer([prompt_text_only, negative_prompt or ""], max_length=77, padding="max_length",
                      truncation=True)
     return TextBatch(tokens.input_ids, np.asarray(rows[0], np.int32), np.asarray(rows[1], np.int32),
                      tokens.facial_token_mask, tokens.facial_token_idx_mask,
                      masks_lib.part_order(ordered), prompt_face)
+
+
+def _warn_if_cut(tokenizer, prompt_face: str, kept_ids: np.ndarray) -> None:
+    """CLIP reads 77 tokens: a longer prompt is cut; say so, and where."""
+    markers = {tokenizer.convert_tokens_to_ids(t) for t in (fp.FACIAL_TOKEN, fp.IMAGE_TOKEN)}
+    n = sum(1 for i in tokenizer.encode(prompt_face) if i not in markers)
+    if n > len(kept_ids):
+        tail = tokenizer.decode([int(i) for i in kept_ids[-8:-1]]).strip()
+        log.warning("the prompt (with the facial details) has %d tokens and the text encoder reads %d: it is cut "
+                    "after '... %s'; shorten the prompt to keep the rest", n, len(kept_ids), tail)
 
 
 def model_inputs(faces: Sequence[FaceBatch], texts: Sequence[TextBatch]) -> dict:
@@ -257,7 +271,7 @@ class Generator:
 def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:
     f = model.vae.config.downscale
     if height % f or width % f:
-        raise ValueError(f"height/width ({height}x{width}) must be multiples of the VAE factor {f}")
+        raise cli.InputError(f"height/width ({height}x{width}) must be multiples of the VAE factor {f}")
     return height // f, width // f, model.unet.config.in_channels
 
 

@@ -6,9 +6,12 @@ the latest checkpoint in DIR; exports the trained weights to the PyTorch layout 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cid_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)
@@ -18,6 +21,7 @@ _COORDINATOR = flags.DEFINE_string(
     "Multi-host: host:port of process 0 (else JAX_COORDINATOR_ADDRESS; TPU pods need nothing).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_DEBUG = flags.DEFINE_bool("debug", cli.debug_requested([]), "Show the traceback of an error (or CID_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,8 +37,7 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()  # auto-detected cluster (TPU pod slice, SLURM)
 
 
-def main(argv):
-    del argv
+def run(config, workdir: str) -> int:
     from cid_jax import observe
 
     observe.quiet_library_logs()
@@ -44,18 +47,24 @@ def main(argv):
     from cid_jax import export, trainer
     from cid_jax.run import RunDir
 
-    config = _CONFIG.value
     logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices()[0].platform)
-    result = trainer.train(config, _WORKDIR.value)
+    result = trainer.train(config, workdir)
     if result.preempted:
         logging.info("preempted at step %d; rerun the same command to resume", result.step)
-        return
+        return 0
     if config.train.export_at_end and jax.process_index() == 0:
-        out = export.export_run(config, result.trainable, RunDir(_WORKDIR.value), result.step)
+        out = export.export_run(config, result.trainable, RunDir(workdir), result.step)
         logging.info("exported PyTorch weights: %s", out)
+    return 0
+
+
+def main(argv):
+    del argv
+    # SIGTERM stays the trainer's: a preemption notice saves a checkpoint and exits cleanly.
+    sys.exit(cli.guarded("train", lambda: run(_CONFIG.value, _WORKDIR.value), debug=_DEBUG.value, sigterm=False))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser("train"))

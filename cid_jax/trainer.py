@@ -14,10 +14,11 @@ weights from `cid_jax.build`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax
 import jax
@@ -28,7 +29,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from cid_jax import build as build_lib
-from cid_jax import losses, run as run_lib, schedulers, sharding
+from cid_jax import cli, config_base, losses, run as run_lib, schedulers, sharding
 from cid_jax.models.consistentid import ConsistentID
 
 
@@ -44,28 +45,55 @@ class TrainState:
 
 def step_batch(config, n_devices: int) -> int:
     """Samples per jitted step (global_batch / grad_accum), checked to give each of `n_devices` a
-    whole share and the mesh to fit them; ValueError with the fix otherwise."""
+    whole share and the mesh to fit them; `cli.InputError` (a ValueError) with the fix otherwise."""
     accum = max(1, int(config.optim.grad_accum))
     gb, fsdp, data = int(config.train.global_batch), int(config.mesh.fsdp), int(config.mesh.data)
     if n_devices % fsdp or (data != -1 and data * fsdp != n_devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not fit the {n_devices} devices: keep "
-                         f"--config.mesh.data=-1 and pick an --config.mesh.fsdp that divides {n_devices}")
+        raise cli.InputError(f"mesh data={data} x fsdp={fsdp} does not fit the {n_devices} devices: keep "
+                             f"--config.mesh.data=-1 and pick an --config.mesh.fsdp that divides {n_devices}")
     if gb % accum or (gb // accum) % n_devices:
         per = n_devices * accum
-        raise ValueError(f"--config.train.global_batch={gb} with grad_accum={accum} does not give every one "
-                         f"of the {n_devices} devices a whole sample per step: use a multiple of {per}, e.g. "
-                         f"--config.train.global_batch={per} (1 sample per device per step)")
+        raise cli.InputError(f"--config.train.global_batch={gb} with grad_accum={accum} does not give every "
+                             f"one of the {n_devices} devices a whole sample per step: use a multiple of {per}, "
+                             f"e.g. --config.train.global_batch={per} (1 sample per device per step)")
     return gb // accum
 
 
-def validate(config) -> None:
-    """Fails before any compile, with the fix in the message, when the config cannot run."""
+def validate(config, workdir: Optional[pathlib.Path] = None) -> None:
+    """Fails before any work (nothing built, compiled or created), with the fix in the message,
+    when the config cannot run: field values, the batch over the devices, the weights and data
+    folders, `init_from`, and whether the run directory can be written."""
+    problems = config_base.config_problems(config)
+    if problems:
+        raise cli.InputError(f"{len(problems)} config value(s) cannot work:\n  " + "\n  ".join(problems))
     step_batch(config, jax.device_count())
-    build_lib.frozen_dtype(config)  # raises on an unknown dtype name
     build_lib.check_weight_folders(config)
-    if config.model.facial_loss_mode not in ("cross", "self", "none"):
-        raise ValueError("--config.model.facial_loss_mode must be 'cross' (paper), 'self' (reference "
-                         "training code) or 'none'")
+    if config.model.get("init_from") and not pathlib.Path(config.model.init_from).expanduser().exists():
+        raise cli.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
+    if config.data.path:
+        from cid_jax.data import builder
+
+        builder.dataset_for(config, workdir or ".", create=False)
+    elif not config.data.synthetic:
+        builder_hint = "python -m cid_jax.data.builder {reference,folder,synthetic} --out=DIR"
+        raise cli.InputError(f"no training data: set --config.data.path to a built FGID dataset ({builder_hint}) "
+                             "or --config.data.synthetic=N for N synthetic faces")
+    if workdir is not None:
+        _check_writable(pathlib.Path(workdir))
+
+
+def _check_writable(workdir: pathlib.Path) -> None:
+    """The run directory can be created and written (tried, not inferred from permission bits, which
+    root ignores); nothing is left behind but the directory itself."""
+    import tempfile
+
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise cli.InputError(f"--workdir={workdir} cannot be written ({e.strerror or e}); pick a --workdir you "
+                             "can write to") from None
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -239,14 +267,65 @@ class RunResult:
     trainable: Any = None
 
 
+def _state_bytes(state) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def _warn_if_disk_low(run: run_lib.RunDir, state_bytes: int) -> None:
+    """A checkpoint needs about the state's size on disk; say so before a save that may not fit."""
+    import shutil
+
+    free = shutil.disk_usage(run.checkpoints if run.checkpoints.exists() else run.root).free
+    if free < 2 * state_bytes:
+        logging.warning("only %.2f GiB free under %s for checkpoints of %.2f GiB each: free some space or "
+                        "lower --config.checkpoint.keep", free / 2**30, run.checkpoints, state_bytes / 2**30)
+
+
+class SaveFailed(cli.UserError):
+    """A checkpoint could not be written (the cause is in the message; the run stopped cleanly)."""
+    code = cli.EXIT_FAILED
+
+
+def _surface_save_errors(manager, run: run_lib.RunDir, step: int) -> None:
+    """An asynchronous save that failed raises here, at the next step, not at the next save."""
+    try:
+        manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 - whatever the filesystem raised
+        removed = run_lib.clean_temporary_saves(run)
+        latest = [s for s in manager.all_steps() if s < step]
+        raise SaveFailed(f"saving a checkpoint failed at step {step} ({run_lib._first_cause(e)}); stopped. "
+                         f"The last good checkpoint is step {max(latest) if latest else 'none'}"
+                         f"{f'; removed {len(removed)} unfinished save folder(s)' if removed else ''}") from e
+
+
 def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator] | None = None) -> RunResult:
     """Runs (or resumes) training. `batches(start_step)` yields host-local numpy batches; by
-    default the FGID tf.data pipeline from `config.data`."""
+    default the FGID tf.data pipeline from `config.data`.
+
+    Before anything is built: the config is checked, the run directory locked (one writer), and a
+    resumed run's config compared with the one it started with. A checkpoint that cannot be read
+    is set aside and the previous one used."""
     from cid_jax import observe
 
     run = run_lib.RunDir(workdir)
-    run.root.mkdir(parents=True, exist_ok=True)
-    validate(config)
+    validate(config, run.root)
+    lock = run_lib.RunLock(run).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(config, run, batches, observe)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
+    if run.config_file.exists():
+        run_lib.check_resume_config(run_lib.read_config(run), config)
+    has_checkpoints = run.checkpoints.is_dir() and any(p.name.isdigit() for p in run.checkpoints.iterdir())
+    init_params = None
+    if config.model.get("init_from") and not has_checkpoints:  # strict, before anything is built
+        init_params = run_lib.read_init_from(config)
+    if jax.process_index() == 0 and run_lib.clean_temporary_saves(run):
+        logging.warning("removed the unfinished save folders a previous run left under %s", run.checkpoints)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     tx = make_optimizer(config)
     step_key = build_lib.stream_key(config, "step")
@@ -260,19 +339,21 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   abstract_state, placement.state)
     frozen32 = run_lib.frozen_weights(model, config, run)
-    restored, meta = run_lib.restore_latest(manager, abstract_state)
+    restored, meta = run_lib.restore_latest(manager, abstract_state, run)
     if restored is not None:
         state = restored
-        logging.info("resumed from step %d (data position %d)", int(state.step), meta["data_position"])
+        logging.info("resumed from step %d (data position %d)%s", int(state.step), meta["data_position"],
+                     "; model.init_from is ignored: the checkpoint wins" if config.model.get("init_from") else "")
         frozen = jax.device_put(build_lib.cast_floating(frozen32, build_lib.frozen_dtype(config)), placement.frozen)
     else:
-        trainable = run_lib.initial_trainable(model, config, frozen32["unet"])
+        trainable = run_lib.initial_trainable(model, config, frozen32["unet"], init_params)
         state, frozen = place(trainable, build_lib.cast_floating(frozen32, build_lib.frozen_dtype(config)), tx,
                               placement)
         del trainable
     del frozen32
     run_lib.write_config(run, config)
     start = int(jax.device_get(state.step))
+    state_bytes = _state_bytes(state)
     logging.info("models built and placed in %.1f s", time.perf_counter() - t0)
 
     if batches is None:
@@ -296,6 +377,7 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     progress = observe.progress(total, start)
     pending_batch = first
     t_log, step_at_log = time.perf_counter(), start
+    save_failed = False
     try:
         while step < total:
             batch = pending_batch if pending_batch is not None else global_batch(next(it), placement)
@@ -316,20 +398,39 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
             if config.train.image_every and step % config.train.image_every == 0:
                 writer.attention_images(step, model, frozen, state.params, batch)
             progress.update(1)
-            run_lib.save(manager, state, config)
+            _surface_save_errors(manager, run, step)
+            if manager.should_save(step):
+                _warn_if_disk_low(run, state_bytes)
+            try:
+                run_lib.save(manager, state, config)
+            except OSError as e:  # a synchronous part of the save (e.g. creating its folder) failed
+                removed = run_lib.clean_temporary_saves(run)
+                raise SaveFailed(f"saving the checkpoint of step {step} failed ({e.strerror or e}); stopped. The "
+                                 f"last good checkpoint is step {manager.latest_step()}"
+                                 f"{f'; removed {len(removed)} unfinished save folder(s)' if removed else ''}") from e
             if preempt.requested:
                 preempted = True
                 break
+    except SaveFailed:
+        save_failed = True
+        raise
     finally:
         progress.close()
         preempt.restore()
-        # The last step is always on disk: at the end, on SIGTERM, and on an exception.
-        if manager.latest_step() != step:
+        # The last step is always on disk: at the end, on SIGTERM, and on an exception (not after a
+        # failed save: the disk that refused it would refuse this one too).
+        if not save_failed:
             try:
-                run_lib.save(manager, state, config, force=True)
-            except Exception as e:  # e.g. the state was donated to a step that failed
-                logging.error("could not save the final checkpoint at step %d: %s", step, e)
-        manager.wait_until_finished()
-        manager.close()
+                if manager.latest_step() != step:
+                    run_lib.save(manager, state, config, force=True)
+                manager.wait_until_finished()
+                manager.check_for_errors()
+            except Exception as e:  # e.g. the state was donated to a step that failed, or a full disk
+                logging.error("could not save the final checkpoint at step %d: %s", step, run_lib._first_cause(e))
+                run_lib.clean_temporary_saves(run)
+        try:
+            manager.close()
+        except Exception as e:  # noqa: BLE001 - an async save's error, already reported above
+            logging.error("closing the checkpoint manager: %s", run_lib._first_cause(e))
         writer.close(history)
     return RunResult(step, history, run.root, preempted, jax.device_get(state.params))

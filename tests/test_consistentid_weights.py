@@ -278,6 +278,17 @@ def test_cli_round_trip(sd15_params, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "perceiver_resampler/norm_out/scale" in err and "(2048,)" in err and "(768,)" in err
     assert not (tmp_path / "x.bin").exists()
+    # An integer tensor where a float weight belongs is refused, naming the key (never cast).
+    from cid_jax.weights.state_dict import read_state_dict, write_safetensors_atomic
+
+    flat = read_state_dict(src)
+    key = "adapter_modules.0.to_q_lora.down.weight"
+    flat[key] = flat[key].astype(np.int64)
+    write_safetensors_atomic(flat, tmp_path / "int.safetensors")
+    assert from_pytorch.main([f"--checkpoint={tmp_path / 'int.safetensors'}", f"--out={tmp_path / 'i.msgpack'}"]) == 2
+    err = capsys.readouterr().err
+    assert "0.to_q_lora.down.weight" in err and "int64" in err and "Traceback" not in err
+    assert not (tmp_path / "i.msgpack").exists()
 
 
 def test_tiny_facial_encoder_layout_round_trip():

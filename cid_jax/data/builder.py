@@ -85,6 +85,7 @@ class _FgidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, max_side: int | None = None, use_beam: bool = False, **kwargs):
         self._max_side = max_side
         self._use_beam = use_beam
+        self.bad_rows: dict[str, list[dict]] = {}  # split -> the records skipped so far (plain builds)
         super().__init__(**kwargs)
 
     @tfds_utils.classproperty
@@ -117,7 +118,8 @@ class _FgidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return self._iter_examples(split, keyed)
 
     def _iter_examples(self, split, keyed) -> Iterator[tuple[str, dict]]:
-        bad = []
+        bad = self.bad_rows.setdefault(split, [])
+        bad.clear()
         load = self._loader()
         for key, sid, src in keyed:
             key, example, bad_row = example_or_reason(load, self._max_side, key, sid, src)
@@ -361,7 +363,15 @@ def build(builder: _FgidBuilder, *, num_shards: int | None = None, progress: boo
             else tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
     config = tfds.download.DownloadConfig(download_mode=mode, num_shards=num_shards,
                                           beam_runner=beam_runner, beam_options=beam_options)
-    builder.download_and_prepare(download_config=config)
+    try:
+        builder.download_and_prepare(download_config=config)
+    except AssertionError as e:  # tfds: "No examples were yielded" for a split
+        if "No examples" not in str(e):
+            raise
+        reasons = [f"{r['source_id']}: {r['reason']}" for rows in builder.bad_rows.values() for r in rows]
+        shown = "\n  ".join(reasons[:20]) + (f"\n  ... and {len(reasons) - 20} more" if len(reasons) > 20 else "")
+        raise cli.InputError(f"no record could be read, so nothing was written ({len(reasons)} bad):\n  "
+                             + (shown or "(the source lists no records)")) from None
     report = report_of(builder.data_dir)
     # The pipeline reads records by byte offset; index them now, while the shards are at hand,
     # rather than on every training host's first start.

@@ -21,6 +21,7 @@ The reference silently uses a zero embedding when no face is found; we raise `No
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from typing import Sequence
@@ -29,6 +30,8 @@ import numpy as np
 
 from cid_jax import cli
 from cid_jax.face.detect import FaceBox, no_face_error
+
+log = logging.getLogger(__name__)
 
 # The buffalo_l pack, as unzipped from insightface's release: the two files used, and the rest.
 BUFFALO_L_REQUIRED = {
@@ -127,6 +130,10 @@ class ArcFaceEmbedder:
             i = int(np.argmax((bboxes[:, 2] - bboxes[:, 0]) * (bboxes[:, 3] - bboxes[:, 1])))
         else:
             i = 0
+        if len(bboxes) > 1:
+            x0, y0, x1, y1 = (int(v) for v in bboxes[i, :4])
+            log.info("%d faces in the photo; the identity comes from the %s one (box x %d..%d, y %d..%d)",
+                     len(bboxes), "largest" if self.pick == "largest" else "first detected", x0, x1, y0, y1)
         if kpss is None:
             raise ValueError("the detector returned no keypoints; ArcFace alignment needs 5 of them")
         face = Face(bbox=bboxes[i, :4], kps=kpss[i], det_score=bboxes[i, 4])

@@ -14,12 +14,15 @@ are available.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import NamedTuple
 
 import numpy as np
 
 from cid_jax import cli
 from cid_jax.face import parsing as L
+
+log = logging.getLogger(__name__)
 
 
 class NoFaceFoundError(cli.InputError):
@@ -105,6 +108,10 @@ def detect_largest_face(image_rgb, **kwargs) -> FaceBox:
     boxes = detect_faces(image_rgb, **kwargs)
     if not boxes:
         raise no_face_error(np.shape(image_rgb), "the scikit-image LBP frontal-face cascade")
+    if len(boxes) > 1:
+        b = boxes[0]
+        log.info("%d faces in the photo; using the largest (box x %d..%d, y %d..%d)", len(boxes), b.x0, b.x1,
+                 b.y0, b.y1)
     return boxes[0]
 
 

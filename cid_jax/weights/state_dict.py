@@ -54,9 +54,13 @@ def _torch_load(path: os.PathLike, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{path}: refused to unpickle it: it holds more than tensors (only plain "
-                           f"state dicts are read, so no code from a file ever runs). {first}") from None
+        # torch's message suggests weights_only=False; we never say that. Keep only what it found.
+        found = [line.strip() for line in str(e).splitlines()
+                 if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+        raise WeightsError(f"{path}: refused to unpickle: it holds more than tensors and containers "
+                           f"({found[0] if found else 'an object of another type'}). Only plain state dicts are "
+                           "read, so no code from a checkpoint ever runs; convert the file with its author's "
+                           "tools, or get a .safetensors version") from None
     except (RuntimeError, EOFError, OSError) as e:
         if mmap and "mmap" in str(e):  # a legacy (non-zip) pickle cannot be memory-mapped
             return _torch_load(path, mmap=False)
@@ -104,8 +108,10 @@ def _safetensors_header(path: pathlib.Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            raise WeightsError(f"{path}: not a safetensors file (bad header length)")
+        if n <= 0 or n > 100 * 2**20:
+            raise WeightsError(f"{path}: not a safetensors file (no valid header)")
+        if 8 + n > size:
+            raise WeightsError(f"{path}: truncated: its header alone needs {8 + n} bytes, the file has {size}")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
@@ -215,9 +221,14 @@ def read_sharded_folder(folder: os.PathLike, stem: str) -> LazyStateDict:
 def atomic_write(path: os.PathLike, write: Callable[[str], None]) -> None:
     """Calls `write(tmp_path)` next to `path`, then renames: a crash never leaves half a file.
 
-    The result gets ordinary permissions (0666 less the umask), not mkstemp's private 0600."""
+    The temporary file is removed on any failure (an exception, Ctrl-C, SIGTERM through the CLI
+    guard); one a killed process left behind (SIGKILL cannot be caught) is removed by the next
+    write of the same file. The result gets ordinary permissions (0666 less the umask), not
+    mkstemp's private 0600."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
