@@ -1,4 +1,6 @@
 """Defaults shared by every training config (configs/*.py override what differs)."""
+import pathlib
+
 import ml_collections
 
 from cid_jax.models.sites import SD15_CAPTURE_GROUPS
@@ -71,6 +73,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
 
+    c.eval = ml_collections.ConfigDict()       # identity fidelity while training (cid_jax.train_eval)
+    c.eval.every_steps = 5000                    # generate + score every N steps and at the end (0 = never)
+    c.eval.references = ""                       # folder of reference photos; "" = held-out synthetic faces
+    c.eval.num_references = 4                    # held-out synthetic faces when references is ""
+    c.eval.class_word = "person"                 # the prompts' <class word> (references' class_words.json wins)
+    c.eval.prompts = ("a <class word> in the snow", "a <class word> wearing a red hat")  # paper Table 2 style
+    c.eval.negative_prompt = ""
+    c.eval.seeds = 1                             # images per reference and prompt
+    c.eval.seed = 2024                           # first noise seed
+    c.eval.steps = 30                            # sampling steps
+    c.eval.guidance = 5.0                        # classifier-free guidance
+    c.eval.merge_step = 10                       # steps on the text-only context before the ID-augmented one
+    c.eval.sampler = "euler"                     # "euler" or "ddim"
+    c.eval.batch_size = 0                        # images per compiled call (0 = all at once)
+    c.eval.clip_model = ""                       # transformers CLIPModel folder (CLIP-T, CLIP-I); off if empty
+    c.eval.dino_model = ""                       # transformers ViTModel folder, DINO ViT-S/16 (DINO, FGIS)
+    c.eval.face_models = ""                      # insightface folder, buffalo_l (FaceSim; also the refs' ID embedding)
+    c.eval.parser_weights = ""                   # BiSeNet 79999_iter.pth for the references' parsing maps
+    c.eval.random_metric_models = False          # tiny random metric nets (demo: machinery only, numbers meaningless)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                             # -1: all devices not used by fsdp
     c.mesh.fsdp = 1                              # parameter sharding width
@@ -89,6 +111,7 @@ _CHOICES = {
     "noise.prediction_type": ("epsilon", "v_prediction"),
     "data.pairing": ("by_name", "reference"),
     "train.export_dtype": ("fp32", "fp16"),
+    "eval.sampler": ("euler", "ddim"),
 }
 # field: (lowest, highest, integer); None = unbounded.
 _RANGES = {
@@ -104,6 +127,9 @@ _RANGES = {
     "train.facial_loss_weight": (0, None, False), "train.log_every": (1, None, True),
     "train.image_every": (0, None, True), "checkpoint.every_steps": (1, None, True), "checkpoint.keep": (1, None, True),
     "mesh.fsdp": (1, None, True),
+    "eval.every_steps": (0, None, True), "eval.num_references": (1, None, True), "eval.seeds": (1, None, True),
+    "eval.steps": (1, None, True), "eval.guidance": (0, None, False), "eval.merge_step": (0, None, True),
+    "eval.batch_size": (0, None, True),
 }
 
 
@@ -140,6 +166,12 @@ def config_problems(config) -> list[str]:
                         f"({d.resolution})")
     if config.mesh.data != -1 and (not isinstance(config.mesh.data, int) or config.mesh.data < 1):
         problems.append(f"--config.mesh.data={config.mesh.data!r}: must be -1 (every device left) or >= 1")
+    e = config.eval
+    for field in ("references", "clip_model", "dino_model", "face_models", "parser_weights"):
+        if e[field] and not pathlib.Path(e[field]).expanduser().exists():
+            problems.append(f"--config.eval.{field}={e[field]!r}: no such file or folder")
+    if not e.prompts or isinstance(e.prompts, str):
+        problems.append(f"--config.eval.prompts={e.prompts!r}: must be a non-empty list of prompts")
     from cid_jax.models import presets, sites
 
     m = config.model

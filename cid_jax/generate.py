@@ -129,7 +129,7 @@ class Loaded:
     noise_config: dict
 
 
-def _tokenizer(config):
+def tokenizer_for(config):
     from cid_jax.text import CLIPTokenizer, add_trigger_tokens
 
     tok_dir = pathlib.Path(config.model.base or "", "tokenizer")
@@ -139,7 +139,7 @@ def _tokenizer(config):
     return tokenizer
 
 
-def _noise_config(config) -> dict:
+def noise_config_for(config) -> dict:
     sched_file = pathlib.Path(config.model.base or "", "scheduler", "scheduler_config.json")
     if config.model.base and sched_file.exists():
         return json.loads(sched_file.read_text())
@@ -186,7 +186,7 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
     # (a run), else "reference" (the released weights).
     metadata.setdefault("pairing", "reference")
     frozen = build_lib.cast_floating(run_lib.frozen_weights(model, config, run), build_lib.compute_dtype(config))
-    return Loaded(model, frozen, trainable, metadata, _tokenizer(config), _noise_config(config))
+    return Loaded(model, frozen, trainable, metadata, tokenizer_for(config), noise_config_for(config))
 
 
 # ------------------------------------------------------------------------------------- run
@@ -233,34 +233,111 @@ def grid(images: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageRequest:
+    """One image to make: a prepared photo (`sampling.face_batch`), a prompt, a seed."""
+    face: object
+    prompt: str
+    seed: int
+
+
+@dataclasses.dataclass
+class Timing:
+    compile_s: float = 0.0     # compiling the batch program (0 when the persistent cache had it)
+    sample_s: float = 0.0      # the calls that made the images, compile excluded
+    images: int = 0
+
+    @property
+    def s_per_image(self) -> float:
+        return self.sample_s / max(1, self.images)
+
+
+def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negative_prompt: str, steps: int,
+                      guidance: float, merge_step: int, sampler: str, height: int, width: int,
+                      caption: Optional[str] = None, batch_size: Optional[int] = None,
+                      progress: bool = False, programs: Optional[dict] = None,
+                      generator=None) -> tuple[np.ndarray, Timing]:
+    """uint8 images [len(requests), H, W, 3] in request order, made `batch_size` at a time by one
+    compiled program (the last batch padded by repeating its last request; default: all at once).
+
+    `programs`: a dict that keeps the compiled programs between calls (keyed by the batch's shapes),
+    for callers that generate again and again (training-time evaluation, the web demo); then only
+    the first call of a shape compiles. `generator`: a `sampling.Generator` (default: a new one)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cid_jax import sampling as pl
+    from cid_jax.data.batch import sdxl_time_ids
+
+    if not requests:
+        return np.zeros((0, height, width, 3), np.uint8), Timing()
+    batch_size = max(1, min(batch_size or len(requests), len(requests)))
+    pairing = loaded.metadata.get("pairing", "reference")
+    texts: dict[tuple, object] = {}
+
+    def text_of(r: ImageRequest):
+        key = (r.prompt, tuple(r.face.part_names))
+        if key not in texts:
+            texts[key] = pl.text_batch(r.prompt, negative_prompt, loaded.tokenizer, r.face.part_names, caption,
+                                       pairing, loaded.model.variant)
+            log.info("facial prompt: %s", texts[key].prompt_face)
+        return texts[key]
+
+    shape = pl.latent_shape(loaded.model, height, width)
+    state = pl.scheduler_state(sampler, steps, loaded.noise_config)
+    generator = generator if generator is not None else pl.Generator(loaded.model)
+    programs = {} if programs is None else programs
+
+    def batch_inputs(batch):
+        inputs = pl.model_inputs([r.face for r in batch], [text_of(r) for r in batch])
+        for encoder in loaded.model.text_encoders:
+            pl.check_token_ids(inputs, encoder.config.vocab_size)
+        if loaded.model.is_sdxl:
+            inputs["time_ids"] = sdxl_time_ids(len(batch), height, width)
+        return inputs, pl.initial_noise([r.seed for r in batch], shape)
+
+    batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
+    batches[-1] += [batches[-1][-1]] * (batch_size - len(batches[-1]))
+    timing = Timing(images=len(requests))
+    t0 = time.perf_counter()
+    inputs, noise = batch_inputs(batches[0])
+    key = (tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in sorted(inputs.items())), noise.shape,
+           tuple(np.shape(x) for x in jax.tree.leaves(state)), id(generator))
+    if key not in programs:
+        programs[key] = generator.compile(loaded.frozen, loaded.trainable, inputs, noise, state)
+        timing.compile_s = time.perf_counter() - t0
+    compiled = programs[key]
+    from tqdm.auto import tqdm
+
+    out = []
+    bar = tqdm(total=len(requests), desc="generate", unit="img", disable=not progress, dynamic_ncols=True)
+    for k, batch in enumerate(batches):
+        if k:
+            inputs, noise = batch_inputs(batch)
+        t0 = time.perf_counter()
+        images, _ = compiled(loaded.frozen, loaded.trainable, inputs, noise, state, jnp.int32(merge_step),
+                             jnp.float32(guidance))
+        images = pl.to_uint8(images)  # waits for the batch
+        timing.sample_s += time.perf_counter() - t0
+        out.append(images)
+        bar.update(min(batch_size, len(requests) - k * batch_size))
+    bar.close()
+    return np.concatenate(out)[:len(requests)], timing
+
+
 def generate(loaded: Loaded, image: np.ndarray, label_map: np.ndarray, id_embedding, prompts: Sequence[str],
              negative_prompt: str, seeds: Sequence[int], *, steps: int, guidance: float, merge_step: int,
              sampler: str, height: int, width: int, caption: Optional[str] = None) -> np.ndarray:
     """uint8 images [len(prompts) * len(seeds), H, W, 3] (prompt-major)."""
     from cid_jax import sampling as pl
-    from cid_jax.data.batch import sdxl_time_ids
 
     face = pl.face_batch(image, label_map, id_embedding)
-    pairing = loaded.metadata.get("pairing", "reference")
-    texts = [pl.text_batch(p, negative_prompt, loaded.tokenizer, face.part_names, caption, pairing,
-                           loaded.model.variant) for p in prompts]
-    for t in texts:
-        log.info("facial prompt: %s", t.prompt_face)
-    texts = [t for t in texts for _ in seeds]
-    inputs = pl.model_inputs([face] * len(texts), texts)
-    for encoder in loaded.model.text_encoders:
-        pl.check_token_ids(inputs, encoder.config.vocab_size)
-    if loaded.model.is_sdxl:
-        inputs["time_ids"] = sdxl_time_ids(len(texts), height, width)
-    shape = pl.latent_shape(loaded.model, height, width)
-    noise = pl.initial_noise(list(seeds) * len(prompts), shape)
-    state = pl.scheduler_state(sampler, steps, loaded.noise_config)
-    gen = pl.Generator(loaded.model)
-    t0 = time.perf_counter()
-    images, _ = gen(loaded.frozen, loaded.trainable, inputs, noise, state, merge_step, guidance)
-    images = pl.to_uint8(images)
-    log.info("%d image(s) in %.1f s (%d steps, %s, including compilation)", len(images),
-             time.perf_counter() - t0, steps, sampler)
+    requests = [ImageRequest(face, p, s) for p in prompts for s in seeds]
+    images, timing = generate_requests(loaded, requests, negative_prompt=negative_prompt, steps=steps,
+                                       guidance=guidance, merge_step=merge_step, sampler=sampler, height=height,
+                                       width=width, caption=caption)
+    log.info("%d image(s): compiled in %.1f s, sampled in %.1f s (%d steps, %s)", len(images), timing.compile_s,
+             timing.sample_s, steps, sampler)
     return images
 
 

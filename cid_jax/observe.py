@@ -132,6 +132,18 @@ class Writer:
         self._jsonl.flush()
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
+    def eval_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Training-time evaluation results (`cid_jax.train_eval`) and the image grid of that step."""
+        if not self.active or not metrics:
+            return
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"eval/{k}", v, step)
+        self._jsonl.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()})) + "\n")
+        self._jsonl.flush()
+        grid = self.run.images / f"eval_{step:07d}.png"
+        if grid.exists():
+            self._tb.add_image("eval/images", np.asarray(Image.open(grid).convert("RGB")), step, dataformats="HWC")
+
     def attention_images(self, step: int, model, frozen, trainable, batch) -> None:
         """Facial-token attention maps of the first sample over its input image.
 

@@ -250,8 +250,12 @@ def to_uint8(images) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Generator:
     """A compiled generation function for one model: `generator(frozen, trainable, inputs, noise,
-    state, merge_step, guidance) -> (uint8-ready float images, latents)`; compiled once per shape."""
+    state, merge_step, guidance) -> (uint8-ready float images, latents)`; compiled once per shape.
+
+    `out_sharding`: where the outputs go (replicated, so every process of a multi-host run can read
+    the images); default: where XLA puts them."""
     model: ConsistentID
+    out_sharding: Any = None
 
     @functools.cached_property
     def fn(self):
@@ -262,10 +266,15 @@ class Generator:
             latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance)
             return decode(model, frozen, latents), latents
 
-        return jax.jit(run)
+        return jax.jit(run, out_shardings=self.out_sharding)
 
     def __call__(self, frozen, trainable, inputs, noise, state, merge_step, guidance):
         return self.fn(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance))
+
+    def compile(self, frozen, trainable, inputs, noise, state):
+        """The executable for these shapes (compiled now, so callers can time it apart); call it as
+        `compiled(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance))`."""
+        return self.fn.lower(frozen, trainable, inputs, noise, state, jnp.int32(0), jnp.float32(0)).compile()
 
 
 def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:

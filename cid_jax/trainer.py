@@ -29,7 +29,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from cid_jax import build as build_lib
-from cid_jax import cli, config_base, losses, run as run_lib, schedulers, sharding
+from cid_jax import cli, config_base, losses, run as run_lib, schedulers, sharding, train_eval
 from cid_jax.models.consistentid import ConsistentID
 
 
@@ -371,6 +371,7 @@ def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
                  time.perf_counter() - t0, flops / 1e9)
 
     writer = observe.Writer(run, mesh)
+    evaluator = train_eval.make_evaluator(config, model, run, mesh)
     preempt = _Preemption()
     history, step, preempted = [], start, False
     total = config.train.num_steps
@@ -397,6 +398,8 @@ def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", facial=f"{metrics['facial_loss']:.4f}")
             if config.train.image_every and step % config.train.image_every == 0:
                 writer.attention_images(step, model, frozen, state.params, batch)
+            if evaluator is not None and (step % config.eval.every_steps == 0 or step == total):
+                writer.eval_scalars(step, evaluator(step, frozen, state.params))
             progress.update(1)
             _surface_save_errors(manager, run, step)
             if manager.should_save(step):

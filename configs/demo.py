@@ -1,7 +1,7 @@
 """The embedded default: tiny random models, a synthetic FGID dataset built on the fly, CPU.
 
 A few hundred steps in minutes on a laptop CPU; ends with the PyTorch export and loss curves (and
-attention-map images) in the workdir:
+attention-map images, and the evaluation grids of held-out faces) in the workdir:
 
     python -m cid_jax.train --config=configs/demo.py --workdir=/tmp/cid_demo
 """
@@ -28,6 +28,11 @@ def get_config():
     c.train.log_every = 10
     c.train.image_every = 100
     c.train.export_dtype = "fp32"
+    c.eval.every_steps = 100                      # identity metrics on held-out synthetic faces ...
+    c.eval.random_metric_models = True            # ... scored by tiny random nets: machinery, not fidelity
+    c.eval.num_references = 2
+    c.eval.steps = 10
+    c.eval.merge_step = 3
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2
     return c

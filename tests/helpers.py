@@ -35,6 +35,7 @@ def small_train_config():
     c.data.resolution = 64
     c.data.mask_resolution = 32
     c.train.global_batch = 8
+    c.eval.every_steps = 0    # the tests that evaluate during training turn it on
     return c
 
 
@@ -231,3 +232,32 @@ class StubDetector:
 # patch; the second is the real, larger face with eye/nose/mouth-corner keypoints measured by eye.
 SMALL = ([400, 420, 440, 460, 0.99], [[410, 432], [430, 432], [420, 440], [412, 450], [428, 450]])
 BIG = ([180, 60, 280, 170, 0.80], [[211, 103], [247, 101], [230, 121], [214, 140], [245, 139]])
+
+
+# ---------------------------------------------------------------------------- metric models
+
+
+def write_metric_models(root: pathlib.Path) -> dict:
+    """Tiny random metric models in their standard on-disk formats: a transformers CLIPModel folder
+    (with its tokenizer files), a transformers ViTModel folder (DINO's layout) and a pytorch-fid
+    style Inception `.pth` (full size: the FID network's widths are fixed)."""
+    import torch
+    import transformers
+
+    from tests.torch_reference.fid_inception import FIDInceptionV3Ref, randomize_
+
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=32), projection_dim=16))
+    perturb_torch(clip, 1).save_pretrained(root / "clip")
+    write_hf_tokenizer(root / "clip")
+    dino = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64,
+        patch_size=16, qkv_bias=True), add_pooling_layer=False)
+    perturb_torch(dino, 2).save_pretrained(root / "dino")
+    torch.save(randomize_(FIDInceptionV3Ref(), 3).state_dict(), root / "pt_inception.pth")
+    return {"clip_model": str(root / "clip"), "dino_model": str(root / "dino"),
+            "inception": str(root / "pt_inception.pth")}

@@ -5,8 +5,8 @@ statement counted, function-level ones included):
     models/                  Flax modules, presets, attention sites: imports only models/ and sharding
     weights/                 on-disk formats <-> param trees: never a trainer, a run or an entry point
     face/  data/             face analysis; FGID records and tf.data: no sampler, trainer or run
-    build, run               the composition root; the run directory's one owner
-    train trainer generate sampling evaluate export aot app   the entry points
+    build, run, metrics      the composition root; the run directory's one owner; the metric models
+    train trainer train_eval generate sampling evaluate export aot app   the entry points
     convert/                 thin command-line wrappers
 
 and there is no import cycle anywhere.
@@ -16,7 +16,7 @@ import pathlib
 
 from tests.helpers import REPO
 
-ENTRY_POINTS = ("train", "trainer", "generate", "sampling", "evaluate", "export", "aot", "app")
+ENTRY_POINTS = ("train", "trainer", "train_eval", "generate", "sampling", "evaluate", "export", "aot", "app")
 ABOVE_DATA = ENTRY_POINTS + ("run", "build")
 
 
@@ -126,7 +126,7 @@ def test_leaf_helpers_stay_leaves():
 
 def test_build_and_run_sit_below_the_entry_points():
     g = import_graph()
-    for m in ("cid_jax.build", "cid_jax.run"):
+    for m in ("cid_jax.build", "cid_jax.run", "cid_jax.metrics"):
         assert _violations(g, m, forbidden=ENTRY_POINTS) == []
 
 

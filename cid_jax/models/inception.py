@@ -333,7 +333,7 @@ def abstract_params(model: FIDInceptionV3 | None = None, *, boxed: bool = True):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _features_at_299(model: FIDInceptionV3, params, x: jax.Array) -> jax.Array:
+def features_at_299(model: FIDInceptionV3, params, x: jax.Array) -> jax.Array:
     return model.apply({"params": params}, x)
 
 
@@ -344,4 +344,4 @@ def pool_features(params, images: jax.Array, model: FIDInceptionV3 | None = None
     so batches of different input sizes share one compilation per batch size.
     """
     model = model or FIDInceptionV3()
-    return _features_at_299(model, params, fid_preprocess(jnp.asarray(images)))
+    return features_at_299(model, params, fid_preprocess(jnp.asarray(images)))

@@ -17,6 +17,7 @@ Each leaf's distribution is the one its module declares:
     bias                          0
     scale                         1                           (LayerNorm / GroupNorm)
     embedding                     N(0, 0.02^2)                (CLIP token and position embeddings)
+    cls_token, position_embeddings  N(0, 0.02^2)              (ViT, as transformers initialises them)
     class_embedding, latents      N(0, 1 / width)             (CLIP vision; Perceiver latents)
 
 A parameter name without a rule is an error (a new module must add its rule here).
@@ -73,7 +74,7 @@ def initializer(path: Path, shape: tuple[int, ...]) -> Draw:
         return _constant(0.0)
     if name == "scale":
         return _constant(1.0)
-    if name == "embedding":
+    if name in ("embedding", "cls_token", "position_embeddings"):
         return _normal(0.02)
     if name in ("class_embedding", "latents"):
         return _normal(shape[-1] ** -0.5)

@@ -1,0 +1,384 @@
+"""Measure identity fidelity as ConsistentID's paper does (its Table 3), on local metric models.
+
+Generate, then score (one compiled program makes every reference photo x prompt x seed, in batches):
+
+    python -m cid_jax.evaluate --checkpoint=RUN_OR_FILE [--base=SD15 --image_encoder=CLIP_H] \\
+        --references=PHOTOS --prompts=paper --seeds=4 --out=EVAL \\
+        --clip_model=CLIP_L --dino_model=DINO_VITS16 --face_models=BUFFALO_L --inception=PT_INCEPTION.pth
+
+Score images made by anything (another method, another framework) under the same metric models:
+
+    python -m cid_jax.evaluate --generated=IMAGES --references=PHOTOS [--prompts=FILE] --out=EVAL ...
+
+Inputs:
+  --references   a folder of photos, one identity each (the file name without extension names it);
+                 `class_words.json` beside them ({"einstein": "man"}) sets each identity's class word
+                 (default --class_word=person) for the prompts' `<class word>`
+  --prompts      `paper`: the evaluation prompts of the paper's Table 2 (its text lists 36 of the 45
+                 it mentions), or a file with one prompt per line (may contain `<class word>`)
+  --generated    a folder as this tool writes it: `<identity>/p<prompt index>_s<seed>.png` (prompts
+                 indexed into --prompts) or any images in `<identity>/` folders, or a `manifest.csv`
+                 (image, reference[, prompt]); without prompts CLIP-T is skipped
+
+Metric models, each in its standard local format (a metric whose model is not given is marked
+`skipped` with the flag that enables it):
+  --clip_model   a transformers CLIPModel folder. Paper-style CLIP-T / CLIP-I: openai/clip-vit-large-patch14
+                 (the PhotoMaker protocol the paper follows)
+  --dino_model   a transformers ViTModel folder: facebook/dino-vits16 (DINO, and FGIS on the facial regions)
+  --face_models  an insightface model folder (buffalo_l) for FaceSim (ArcFace; the paper used FaceNet)
+  --inception    pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID and KID
+  --parser_weights  BiSeNet's 79999_iter.pth for the FGIS regions (else the offline detector + template)
+
+Outputs in --out: report.md (a table laid out like the paper's Table 3, scores x 100 as there),
+metrics.json (clip_t, clip_i, dino, facesim, fgis, fid, kid, s_per_image: mean and 95% interval
+over identities), per_image.csv, contact_sheet.png (each row: the reference, then its generations),
+and with --checkpoint the images themselves under images/.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import pathlib
+import re
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from cid_jax import cli
+
+log = logging.getLogger("cid_jax.evaluate")
+
+CLASS_WORD = "<class word>"
+# The evaluation prompts of the paper's Table 2 (as its text gives them; `<class word>` is replaced
+# per identity by 'man', 'woman', ...).
+PAPER_PROMPTS = (
+    "a <class word> wearing a red hat", "a <class word> wearing a santa hat",
+    "a <class word> wearing a rainbow scarf", "a <class word> wearing a black top hat and a monocle",
+    "a <class word> in a chef outfit", "a <class word> in a firefighter outfit", "a <class word> in a police outfit",
+    "a <class word> wearing pink glasses", "a <class word> wearing a yellow shirt",
+    "a <class word> in a purple wizard outfit", "a <class word> in the jungle", "a <class word> in the snow",
+    "a <class word> on the beach", "a <class word> on a cobblestone street", "a <class word> on top of pink fabric",
+    "a <class word> on top of a wooden floor", "a <class word> with a city in the background",
+    "a <class word> with a mountain in the background", "a <class word> with a blue house in the background",
+    "a <class word> with a purple rug in a forest", "a <class word> holding a glass of wine",
+    "a <class word> riding a horse", "a <class word> holding a piece of cake", "a <class word> giving a lecture",
+    "a <class word> reading a book", "a <class word> gardening in the backyard", "a <class word> cooking a meal",
+    "a <class word> working out at the gym", "a <class word> walking the dog", "a <class word> baking cookies",
+    "a <class word> wearing a doctoral cap", "a <class word> wearing a spacesuit",
+    "a <class word> wearing sunglasses and necklace", "a <class word> coding in front of a computer",
+    "a <class word> in a helmet and vest riding a motorcycle", "a painting of a <class word> in the style of Banksy",
+)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+GENERATED_NAME = re.compile(r"^p(\d+)_s(-?\d+)$")
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def read_prompts(spec: Optional[str]) -> Optional[list[str]]:
+    if not spec:
+        return None
+    if spec == "paper":
+        return list(PAPER_PROMPTS)
+    path = pathlib.Path(spec).expanduser()
+    if not path.is_file():
+        raise cli.MissingError(f"--prompts={spec}: not 'paper' and no such file")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise cli.InputError(f"--prompts={spec} holds no prompt (one per line)")
+    return prompts
+
+
+def read_references(folder: str) -> dict[str, pathlib.Path]:
+    root = pathlib.Path(folder).expanduser()
+    if not root.is_dir():
+        raise cli.MissingError(f"--references={folder} is not a folder of photos")
+    refs = {p.stem: p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+    if not refs:
+        raise cli.InputError(f"--references={folder} holds no photo ({', '.join(IMAGE_EXTS)})")
+    return refs
+
+
+def class_words(references_dir: str) -> dict[str, str]:
+    path = pathlib.Path(references_dir).expanduser() / "class_words.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def fill(prompt: str, word: str) -> str:
+    return prompt.replace(CLASS_WORD, word)
+
+
+@dataclasses.dataclass
+class Generated:
+    path: pathlib.Path
+    reference: str
+    prompt: Optional[str]
+    seed: Optional[int] = None
+
+
+def read_generated(folder: str, references: dict, prompts: Optional[list[str]], words: dict,
+                   default_word: str) -> list[Generated]:
+    """The images of a --generated folder (see the module docstring), each with its reference and prompt."""
+    root = pathlib.Path(folder).expanduser()
+    if not root.is_dir():
+        raise cli.MissingError(f"--generated={folder} is not a folder")
+    manifest = root / "manifest.csv"
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        out = [Generated(root / r["image"], r["reference"], r.get("prompt") or None,
+                         int(r["seed"]) if r.get("seed") not in (None, "") else None) for r in rows]
+    else:
+        out = []
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            for image in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+                m = GENERATED_NAME.match(image.stem)
+                prompt = None
+                if m and prompts is not None and int(m.group(1)) < len(prompts):
+                    prompt = fill(prompts[int(m.group(1))], words.get(sub.name, default_word))
+                out.append(Generated(image, sub.name, prompt, int(m.group(2)) if m else None))
+    unknown = sorted({g.reference for g in out} - set(references))
+    if unknown:
+        raise cli.InputError(f"--generated images of identities with no reference photo: {unknown[:10]}")
+    if not out:
+        raise cli.InputError(f"--generated={folder} holds no image")
+    return out
+
+
+# --------------------------------------------------------------------------------- generation
+
+
+def generate_all(args, references, prompts, words, out: pathlib.Path) -> tuple[list[Generated], dict]:
+    """Every reference x prompt x seed with the checkpoint, batched; returns the images' records and
+    the timing (s/image with compile excluded; compile apart)."""
+    from PIL import Image
+
+    from cid_jax import generate as gen
+    from cid_jax import sampling as pl
+    from cid_jax.face import FaceAnalyzer
+
+    variant = gen.variant(args.checkpoint, args.base)
+    analyzer = FaceAnalyzer(args.parser_weights, args.face_models)
+    loaded = gen.load(args.checkpoint, args.base, args.image_encoder, args.dtype)
+    defaults = pl.VARIANT_DEFAULTS[loaded.model.variant]
+    size = args.size or (64 if loaded.model.vae.config.sample_size <= 256 and not args.base else defaults.size)
+    requests, records = [], []
+    for name, path in references.items():
+        photo = gen.read_image(str(path))
+        try:
+            face = pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[variant].parse_size),
+                                 analyzer.id_embedding(photo))
+        except cli.UserError as e:
+            raise type(e)(f"reference {path}: {e}") from None
+        for k, prompt in enumerate(prompts):
+            text = fill(prompt, words.get(name, args.class_word))
+            for seed in range(args.seed, args.seed + args.seeds):
+                requests.append(gen.ImageRequest(face, text, seed))
+                records.append(Generated(out / "images" / name / f"p{k:02d}_s{seed}.png", name, text, seed))
+    log.info("generating %d images (%d identities x %d prompts x %d seeds), %d at a time", len(requests),
+             len(references), len(prompts), args.seeds, args.batch_size)
+    images, timing = gen.generate_requests(
+        loaded, requests, negative_prompt=args.negative_prompt, steps=args.steps,
+        guidance=args.guidance if args.guidance is not None else defaults.guidance, merge_step=args.merge_step,
+        sampler=args.sampler, height=size, width=size, batch_size=args.batch_size, progress=True)
+    for record, image in zip(records, images):
+        record.path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(record.path)
+    with open(out / "images" / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "reference", "prompt", "seed"])
+        for r in records:
+            w.writerow([r.path.relative_to(out / "images").as_posix(), r.reference, r.prompt, r.seed])
+    return records, {"s_per_image": timing.s_per_image, "compile_s": timing.compile_s, "images": timing.images}
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def score(models, references: dict, generated: list[Generated], timing: Optional[dict]) -> tuple[dict, list]:
+    """(metrics.json content, per-image rows)."""
+    from cid_jax import generate as gen
+    from cid_jax import metrics
+
+    rows, scored = [], []
+    ref_images = {name: gen.read_image(str(p)) for name, p in references.items()}
+    for name in references:
+        mine = [g for g in generated if g.reference == name]
+        if not mine:
+            continue
+        ref = metrics.describe_reference(models, name, ref_images[name])
+        images = [gen.read_image(str(g.path)) for g in mine]
+        for g, scores in zip(mine, metrics.score_images(models, ref, images, [g.prompt for g in mine])):
+            rows.append({"image": g.path.as_posix(), "reference": name, "prompt": g.prompt or "", "seed": g.seed,
+                         **scores})
+            scored.append((name, scores))
+    result = metrics.per_identity(scored)
+    if models.inception is not None:
+        gen_feats = models.inception([gen.read_image(str(g.path)) for g in generated])
+        ref_feats = models.inception(list(ref_images.values()))
+        result["fid"] = {"value": metrics.fid(gen_feats, ref_feats), "generated": len(gen_feats),
+                         "references": len(ref_feats)}
+        result["kid"] = {"value": metrics.kid(gen_feats, ref_feats), "generated": len(gen_feats),
+                         "references": len(ref_feats)}
+    if "facesim" in result:
+        result["facesim"]["no_face"] = int(sum(bool(r.get("no_face")) for r in rows))
+    result["s_per_image"] = ({"value": timing["s_per_image"], "compile_s": timing["compile_s"]}
+                             if timing else {"skipped": "images made elsewhere (--generated)"})
+    if any(g.prompt is None for g in generated) and "clip_t" not in result:
+        result["clip_t"] = {"skipped": "the images' prompts are unknown (--prompts, or a manifest.csv)"}
+    for m, flag in models.skipped().items():
+        result.setdefault(m, {"skipped": f"needs {flag}"})
+    return {m: result[m] for m in metrics_order(result)}, rows
+
+
+def metrics_order(result) -> list[str]:
+    from cid_jax.metrics import METRICS
+
+    return [m for m in METRICS if m in result] + [m for m in result if m not in METRICS]
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def _cell(entry: dict, scale: float = 100.0, digits: int = 1) -> str:
+    if "skipped" in entry:
+        return "skipped"
+    if "value" in entry:
+        return f"{entry['value']:.{digits + 2}g}" if scale == 1 else f"{entry['value'] * scale:.{digits}f}"
+    return f"{entry['mean'] * scale:.{digits}f}"
+
+
+def report_markdown(result: dict, name: str, n_images: int, n_refs: int) -> str:
+    cols = [("CLIP-T ↑", "clip_t", 100), ("CLIP-I ↑", "clip_i", 100), ("DINO ↑", "dino", 100),
+            ("FaceSim ↑", "facesim", 100), ("FGIS ↑", "fgis", 100), ("FID ↓", "fid", 1), ("KID ↓", "kid", 1),
+            ("Speed (s)", "s_per_image", 1)]
+    lines = [f"# Identity fidelity: {name}", "",
+             f"{n_images} generated images of {n_refs} identities. Cosines x 100, as the paper's Table 3; "
+             "95% intervals over identities below the table.", "",
+             "| method | " + " | ".join(c for c, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|",
+             f"| {name} | " + " | ".join(_cell(result[m], s) for _, m, s in cols) + " |", ""]
+    for _, m, _ in cols:
+        e = result[m]
+        if "ci95" in e:
+            lo, hi = e["ci95"]
+            lines.append(f"- {m}: {100 * e['mean']:.2f} (95% interval {100 * lo:.2f} .. {100 * hi:.2f}, "
+                         f"{e['identities']} identities)" + (f"; {e['no_face']} images without a detectable face "
+                                                             "scored 0" if m == "facesim" else ""))
+        elif "skipped" in e:
+            lines.append(f"- {m}: skipped ({e['skipped']})")
+    if "compile_s" in result.get("s_per_image", {}):
+        lines.append(f"- compile: {result['s_per_image']['compile_s']:.1f} s (not in the speed column)")
+    return "\n".join(lines) + "\n"
+
+
+def contact_sheet(references: dict, generated: list[Generated], path: pathlib.Path, tile: int = 128,
+                  per_row: int = 8) -> None:
+    from PIL import Image, ImageDraw
+
+    from cid_jax import generate as gen
+
+    names = [n for n in references if any(g.reference == n for g in generated)]
+    sheet = Image.new("RGB", (tile * (per_row + 1), tile * len(names)), "white")
+    for r, name in enumerate(names):
+        images = [references[name]] + [g.path for g in generated if g.reference == name][:per_row]
+        for c, p in enumerate(images):
+            thumb = Image.fromarray(gen.read_image(str(p)))
+            thumb.thumbnail((tile, tile))
+            sheet.paste(thumb, (c * tile, r * tile))
+        ImageDraw.Draw(sheet).text((4, r * tile + 4), name, fill=(255, 255, 0))
+    sheet.save(path)
+
+
+def write_outputs(out: pathlib.Path, result: dict, rows: list, references, generated, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / "report.md").write_text(report_markdown(result, name, len(generated), len(references)))
+    keys = ["image", "reference", "prompt", "seed", "clip_t", "clip_i", "dino", "facesim", "fgis",
+            "fgis_regions", "no_face"]
+    with open(out / "per_image.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    contact_sheet(references, generated, out / "contact_sheet.png")
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(prog="python -m cid_jax.evaluate", description=__doc__)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="generate with this run directory / checkpoint file, then score")
+    what.add_argument("--generated", help="score the images of this folder (made by anything)")
+    p.add_argument("--references", required=True, help="folder of reference photos, one identity each")
+    p.add_argument("--prompts", default=None, help="'paper' or a file with one prompt per line")
+    p.add_argument("--class_word", default="person", help="the prompts' <class word> (class_words.json overrides)")
+    p.add_argument("--seeds", type=int, default=1, help="images per reference and prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--out", required=True, help="folder for report.md, metrics.json, per_image.csv, ...")
+    p.add_argument("--base", help="diffusers SD1.5/SDXL folder (not needed for a preset (demo) run)")
+    p.add_argument("--image_encoder", help="CLIP-ViT-H-14 folder (default: <base>/image_encoder)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--merge_step", type=int, default=30)
+    p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
+    p.add_argument("--negative_prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
+    p.add_argument("--size", type=int, default=None, help="image side (default: the base model's; demo 64)")
+    p.add_argument("--batch_size", type=int, default=4, help="images per compiled call")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--clip_model", help="transformers CLIPModel folder (CLIP-T, CLIP-I)")
+    p.add_argument("--dino_model", help="transformers ViTModel folder, facebook/dino-vits16 (DINO, FGIS)")
+    p.add_argument("--face_models", help="insightface model folder, buffalo_l (FaceSim)")
+    p.add_argument("--inception", help="pytorch-fid Inception weights .pth (FID, KID)")
+    p.add_argument("--parser_weights", help="BiSeNet weights for the FGIS regions (default: offline template)")
+    p.add_argument("--name", default=None, help="the method's name in the report (default: the checkpoint's)")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    problems = []
+    for flag in ("seeds", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag}={getattr(args, flag)}: must be >= 1")
+    if args.checkpoint and not args.prompts:
+        problems.append("--prompts is needed to generate (paper, or a file with one prompt per line)")
+    if problems:
+        raise cli.InputError("; ".join(problems))
+
+
+@cli.entry_point("evaluate")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cli.setup_logging()
+    args = parse_args(argv)
+    check_args(args)
+    from cid_jax import metrics
+
+    out = pathlib.Path(args.out).expanduser()
+    references = read_references(args.references)
+    prompts = read_prompts(args.prompts)
+    words = class_words(args.references)
+    t0 = time.perf_counter()
+    models = metrics.load_metric_models(clip_model=args.clip_model, dino_model=args.dino_model,
+                                        face_models=args.face_models, inception=args.inception,
+                                        parser_weights=args.parser_weights)
+    for m, flag in models.skipped().items():
+        log.warning("%s: skipped (needs %s)", m, flag)
+    if args.checkpoint:
+        out.mkdir(parents=True, exist_ok=True)
+        generated, timing = generate_all(args, references, prompts, words, out)
+    else:
+        generated, timing = read_generated(args.generated, references, prompts, words, args.class_word), None
+    result, rows = score(models, references, generated, timing)
+    name = args.name or pathlib.Path(args.checkpoint or args.generated).name
+    write_outputs(out, result, rows, references, generated, name)
+    log.info("scored %d images in %.1f s; wrote %s", len(generated), time.perf_counter() - t0, out / "report.md")
+    print((out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
