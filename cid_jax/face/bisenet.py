@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cid_jax.models.layers import FrozenBatchNorm
 from cid_jax.weights.state_dict import StateDict, load_into, read_state_dict
 
 NUM_CLASSES = 19
-BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
 
 # ------------------------------------------------------------------------------------ resampling
 
@@ -84,28 +84,6 @@ def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Ar
 
 
 # ---------------------------------------------------------------------------------------- layers
-
-
-class FrozenBatchNorm(nn.Module):
-    """torch BatchNorm2d in eval mode over NHWC: (x - running_mean) / sqrt(running_var + eps) * w + b.
-
-    The running statistics are params (`mean`, `var`) because this model is never trained here.
-    Computed in fp32 whatever the input dtype.
-    """
-    epsilon: float = BN_EPS
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        mean = self.param("mean", nn.initializers.zeros, (c,), self.param_dtype)
-        var = self.param("var", nn.initializers.ones, (c,), self.param_dtype)
-        mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        y = x.astype(jnp.float32) * mul + (bias - mean * mul)
-        return y.astype(self.dtype)
 
 
 def _conv(features: int, kernel: int, name: str, *, stride: int = 1, padding: int | None = None,

@@ -40,7 +40,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cid_jax.sharding import conv_init, dense_init
+from cid_jax.models.layers import dense, layer_norm
+from cid_jax.sharding import conv_init
 
 Dtype = Any
 
@@ -191,17 +192,6 @@ class CLIPVisionOutput:
 # ----------------------------------------------------------------------------------------- blocks
 
 
-def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype,
-           use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=dense_init(names), name=name)
-
-
-def _layer_norm(eps: float, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    # torch's LayerNorm eps (1e-5 in every CLIP config), not Flax's 1e-6 default.
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
 class CLIPAttention(nn.Module):
     """Multi-head self-attention with transformers' q/k/v/out_proj names (all with bias)."""
     hidden_size: int
@@ -214,7 +204,7 @@ class CLIPAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         b, l, _ = x.shape
         heads = lambda t: t.reshape(b, l, self.num_heads, -1)  # channel = head * head_dim + d
-        proj = functools.partial(_dense, self.hidden_size, ("embed", "heads"),
+        proj = functools.partial(dense, self.hidden_size, ("embed", "heads"),
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         q = heads(proj(name="q_proj")(x))
         k = heads(proj(name="k_proj")(x))
@@ -222,7 +212,7 @@ class CLIPAttention(nn.Module):
         # Scale 1/sqrt(head_dim); logits and softmax in fp32 inside dot_product_attention.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
         out = out.reshape(b, l, self.hidden_size)
-        return _dense(self.hidden_size, ("heads", "embed"), "out_proj", self.dtype,
+        return dense(self.hidden_size, ("heads", "embed"), "out_proj", self.dtype,
                       self.param_dtype)(out)
 
 
@@ -235,9 +225,9 @@ class CLIPMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _dense(self.intermediate_size, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
+        x = dense(self.intermediate_size, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
         x = ACTIVATIONS[self.hidden_act](x)
-        return _dense(self.hidden_size, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
+        return dense(self.hidden_size, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -250,10 +240,10 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        h = _layer_norm(cfg.layer_norm_eps, "layer_norm1", dt, pdt)(x)
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm1", dt, pdt)(x)
         x = x + CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, self.causal, dt, pdt,
                               name="self_attn")(h, mask)
-        h = _layer_norm(cfg.layer_norm_eps, "layer_norm2", dt, pdt)(x)
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm2", dt, pdt)(x)
         return x + CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dt, pdt,
                            name="mlp")(h)
 
@@ -336,7 +326,7 @@ class CLIPTextTransformer(nn.Module):
             mask = attention_mask.astype(bool)[:, None, None, :]
         x, hidden = CLIPEncoder(cfg, causal=True, remat=self.remat, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="encoder")(x, mask)
-        last = _layer_norm(cfg.layer_norm_eps, "final_layer_norm", self.dtype, self.param_dtype)(x)
+        last = layer_norm(cfg.layer_norm_eps, "final_layer_norm", self.dtype, self.param_dtype)(x)
         pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, cfg.eos_token_id)]
         return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled,
                               hidden_states=hidden if output_hidden_states else None)
@@ -376,7 +366,7 @@ class CLIPTextModelWithProjection(nn.Module):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=True):
         out = CLIPTextTransformer(self.config, self.remat, self.dtype, self.param_dtype, name="text_model")(
             input_ids, attention_mask, position_ids, output_hidden_states)
-        embeds = _dense(self.config.projection_dim, ("embed", None), "text_projection", self.dtype,
+        embeds = dense(self.config.projection_dim, ("embed", None), "text_projection", self.dtype,
                         self.param_dtype, use_bias=False)(out.pooler_output)
         return out.replace(text_embeds=embeds)
 
@@ -431,10 +421,10 @@ class CLIPVisionTransformer(nn.Module):
     def __call__(self, pixel_values, output_hidden_states=True):
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         x = CLIPVisionEmbeddings(cfg, dt, pdt, name="embeddings")(pixel_values)
-        x = _layer_norm(cfg.layer_norm_eps, "pre_layrnorm", dt, pdt)(x)  # sic: transformers' name
+        x = layer_norm(cfg.layer_norm_eps, "pre_layrnorm", dt, pdt)(x)  # sic: transformers' name
         x, hidden = CLIPEncoder(cfg, causal=False, remat=self.remat, dtype=dt, param_dtype=pdt,
                                 name="encoder")(x)
-        pooled = _layer_norm(cfg.layer_norm_eps, "post_layernorm", dt, pdt)(x[:, 0])
+        pooled = layer_norm(cfg.layer_norm_eps, "post_layernorm", dt, pdt)(x[:, 0])
         return CLIPVisionOutput(last_hidden_state=x, pooler_output=pooled,
                                 hidden_states=hidden if output_hidden_states else None)
 
@@ -454,7 +444,7 @@ class CLIPVisionModelWithProjection(nn.Module):
     def __call__(self, pixel_values, output_hidden_states=True):
         out = CLIPVisionTransformer(self.config, self.remat, self.dtype, self.param_dtype,
                                     name="vision_model")(pixel_values, output_hidden_states)
-        embeds = _dense(self.config.projection_dim, ("embed", None), "visual_projection", self.dtype,
+        embeds = dense(self.config.projection_dim, ("embed", None), "visual_projection", self.dtype,
                         self.param_dtype, use_bias=False)(out.pooler_output)
         return out.replace(image_embeds=embeds)
 

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cid_jax.models.layers import FrozenBatchNorm
 from cid_jax.sharding import conv_init, dense_init
 
 Dtype = Any
@@ -117,29 +118,6 @@ def avg_pool_3x3_exclude_pad(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------- layers
 
 
-class FrozenBatchNorm(nn.Module):
-    """torch BatchNorm2d in eval mode over NHWC: (x - mean) / sqrt(var + eps) * scale + bias.
-
-    `scale`, `bias`, `mean`, `var` are bn.weight, bn.bias, bn.running_mean, bn.running_var. The
-    statistics are params because this network is only ever evaluated. Folded into one multiply-add
-    per channel (torch's CPU inference kernel does the same), computed in fp32.
-    """
-    epsilon: float = BN_EPS
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        mean = self.param("mean", nn.initializers.zeros, (c,), self.param_dtype)
-        var = self.param("var", nn.initializers.ones, (c,), self.param_dtype)
-        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var.astype(jnp.float32) + self.epsilon)
-        add = bias.astype(jnp.float32) - mean.astype(jnp.float32) * mul
-        return (x.astype(jnp.float32) * mul + add).astype(self.dtype)
-
-
 class BasicConv2d(nn.Module):
     """torchvision's BasicConv2d: conv (no bias) -> FrozenBatchNorm -> ReLU; names `conv`, `bn`.
 
@@ -159,7 +137,7 @@ class BasicConv2d(nn.Module):
         x = nn.Conv(self.features, tuple(self.kernel), strides=(self.stride, self.stride),
                     padding=((ph, ph), (pw, pw)), use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=conv_init(), name="conv")(x)
-        x = FrozenBatchNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="bn")(x)
+        x = FrozenBatchNorm(BN_EPS, dtype=jnp.float32, param_dtype=self.param_dtype, name="bn")(x)
         return nn.relu(x).astype(self.dtype)
 
 

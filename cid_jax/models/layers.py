@@ -1,11 +1,13 @@
-"""Convolutional building blocks shared by the UNet and the VAE (NHWC, diffusers-Flax names).
+"""Building blocks shared by the networks: the UNet's and VAE's convolutional blocks (NHWC,
+diffusers-Flax names), the transformers' Dense/LayerNorm factories (CLIP, ViT), and an eval-mode
+BatchNorm (Inception, BiSeNet).
 
 Parameters are always created in `param_dtype` (fp32 master weights); `dtype` is the compute dtype
 (bf16 on accelerators). Normalisation statistics are computed in fp32 whatever `dtype` is.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -93,3 +95,37 @@ class Upsample2D(nn.Module):
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return conv(self.out_channels, 3, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+def dense(features: int, names: tuple, name: str, dtype, param_dtype, use_bias: bool = True) -> nn.Dense:
+    """A Dense whose kernel carries the logical axis `names` (for `cid_jax.sharding`)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=dense_init(names), name=name)
+
+
+def layer_norm(eps: float, name: str, dtype, param_dtype) -> nn.LayerNorm:
+    # The checkpoint config's eps (torch's 1e-5 for CLIP, 1e-12 for the HF ViTs), never Flax's 1e-6 default.
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class FrozenBatchNorm(nn.Module):
+    """torch BatchNorm2d in eval mode over NHWC: (x - mean) / sqrt(var + eps) * scale + bias.
+
+    `scale`, `bias`, `mean`, `var` are bn.weight, bn.bias, bn.running_mean, bn.running_var. The
+    statistics are params because these networks are only ever evaluated. Folded into one
+    multiply-add per channel (torch's CPU inference kernel does the same), computed in fp32.
+    """
+    epsilon: float = 1e-5     # torch's default; Inception's BasicConv2d uses 1e-3
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        mean = self.param("mean", nn.initializers.zeros, (c,), self.param_dtype)
+        var = self.param("var", nn.initializers.ones, (c,), self.param_dtype)
+        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var.astype(jnp.float32) + self.epsilon)
+        add = bias.astype(jnp.float32) - mean.astype(jnp.float32) * mul
+        return (x.astype(jnp.float32) * mul + add).astype(self.dtype)

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cid_jax.models.clip import ACTIVATIONS
-from cid_jax.sharding import conv_init, dense_init
+from cid_jax.models.layers import dense, layer_norm
+from cid_jax.sharding import conv_init
 
 Dtype = Any
 
@@ -188,17 +189,6 @@ def interpolate_position_embeddings(position_embeddings: jax.Array, grid: tuple[
 # ----------------------------------------------------------------------------------------- blocks
 
 
-def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype,
-           use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=dense_init(names), name=name)
-
-
-def _layer_norm(eps: float, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    # The config's eps (1e-12 for the HF ViT checkpoints), not Flax's 1e-6 default.
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
 class DenseWrapper(nn.Module):
     """One Linear named `dense`: transformers' ViTSelfOutput / ViTIntermediate / ViTOutput, whose
     only parameters are `<name>.dense.*`."""
@@ -209,7 +199,7 @@ class DenseWrapper(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _dense(self.features, self.names, "dense", self.dtype, self.param_dtype)(x)
+        return dense(self.features, self.names, "dense", self.dtype, self.param_dtype)(x)
 
 
 class ViTSelfAttention(nn.Module):
@@ -223,7 +213,7 @@ class ViTSelfAttention(nn.Module):
         cfg = self.config
         b, l, _ = x.shape
         heads = lambda t: t.reshape(b, l, cfg.num_attention_heads, -1)  # channel = head * head_dim + d
-        proj = functools.partial(_dense, cfg.hidden_size, ("embed", "heads"), dtype=self.dtype,
+        proj = functools.partial(dense, cfg.hidden_size, ("embed", "heads"), dtype=self.dtype,
                                  param_dtype=self.param_dtype, use_bias=cfg.qkv_bias)
         q = heads(proj(name="query")(x))
         k = heads(proj(name="key")(x))
@@ -254,9 +244,9 @@ class ViTLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        h = _layer_norm(cfg.layer_norm_eps, "layernorm_before", dt, pdt)(x)
+        h = layer_norm(cfg.layer_norm_eps, "layernorm_before", dt, pdt)(x)
         x = x + ViTAttention(cfg, dt, pdt, name="attention")(h)
-        h = _layer_norm(cfg.layer_norm_eps, "layernorm_after", dt, pdt)(x)
+        h = layer_norm(cfg.layer_norm_eps, "layernorm_after", dt, pdt)(x)
         h = DenseWrapper(cfg.intermediate_size, ("embed", "mlp"), dt, pdt, name="intermediate")(h)
         h = ACTIVATIONS[cfg.hidden_act](h)
         return x + DenseWrapper(cfg.hidden_size, ("mlp", "embed"), dt, pdt, name="output")(h)
@@ -342,7 +332,7 @@ class ViTModel(nn.Module):
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         x = ViTEmbeddings(cfg, dt, pdt, name="embeddings")(pixel_values, interpolate_pos_encoding)
         x = ViTEncoder(cfg, dt, pdt, name="encoder")(x)
-        return _layer_norm(cfg.layer_norm_eps, "layernorm", dt, pdt)(x)
+        return layer_norm(cfg.layer_norm_eps, "layernorm", dt, pdt)(x)
 
     def cls_embedding(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
         """[B, D]: `model.apply({'params': p}, images, method='cls_embedding')`."""
