@@ -21,6 +21,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.
 _CACHE = _REPO / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("CID_JAX_COMPILATION_CACHE", str(_CACHE))  # the entry points' cache (cid_jax.runtime)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,3 +37,19 @@ def pytest_configure(config):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory):
+    """A run directory as training leaves it: config.json and an exported safetensors of random
+    trainable params. (The preset's frozen weights come from the run's "frozen" stream.)"""
+    from cid_jax import build as build_lib
+    from tests.helpers import abstract_trainable, export_trainable, inference_demo_config, random_params
+
+    config = inference_demo_config()
+    workdir = tmp_path_factory.mktemp("demo_run")
+    (workdir / "config.json").write_text(config.to_json())
+    model = build_lib.build_modules(config)
+    trainable = random_params(abstract_trainable(model), seed=7)
+    export_trainable(trainable, config, workdir / "consistentid.safetensors")
+    return workdir, trainable
