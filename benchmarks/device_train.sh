@@ -11,7 +11,7 @@
 # capture) on both sides.
 #
 #   bash benchmarks/device_train.sh                      # from the repository root, on the GPU machine
-#   bash benchmarks/device_train.sh --batch=16 --remat   # extra flags go to benchmarks/train_step.py
+#   bash benchmarks/device_train.sh --batch=16 --remat=attention   # extra flags go to benchmarks/train_step.py
 #   bash benchmarks/device_train.sh --help
 #
 # Weights: no SD1.5 / CLIP-H / ConsistentID weights can be downloaded on the device machine, so both
@@ -22,7 +22,10 @@
 #
 # Budget (H200, 2026-11-27): PyTorch side 28 s in all; the JAX side needed more than 240 s (random
 # init + cuDNN probes + XLA autotuned compile of the SD1.5-size step) and did not finish in the 330 s
-# left beside the generation run. Run this script alone with a 600 s timeout.
+# left beside the generation run. Since then construction is host-side (no init compiles; on CPU the
+# SD1.5 trees take ~50 s of numpy draws, benchmarks/results/first_step.md) and inits trace no cuDNN
+# probe, so one call of this script (construction + compile + 2 warm-up + 5 timed steps of each side)
+# is meant to fit 8 minutes. Run it alone with timeout_s=480.
 #
 # Python packages: the GPU image has jax (CUDA), flax, optax, orbax, torch, transformers; it lacks
 # diffusers, ml-collections and importlib-metadata. Carry them as wheels in .whl/ (ignored by git:

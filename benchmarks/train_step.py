@@ -382,7 +382,8 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="compute dtype (trainable params fp32, frozen ones stored in this dtype, on both sides; PyTorch uses autocast)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--remat", action="store_true", help="ours: rematerialise blocks in the backward pass")
+    ap.add_argument("--remat", choices=["none", "attention", "full"], default="none",
+                    help="ours: recompute in the backward pass (model.remat): nothing, the transformer blocks, every block")
     ap.add_argument("--no-facial", dest="facial", action="store_false",
                     help="loss = MSE only on both sides (no attention capture)")
     ap.add_argument("--impl", choices=["both", "jax", "torch"], default="both")
@@ -403,7 +404,7 @@ def main():
                "--batch", str(args.batch), "--runs", str(args.runs), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device,
                "--attention", args.attention]
-        cmd += (["--remat"] if args.remat else []) + ([] if args.facial else ["--no-facial"])
+        cmd += ["--remat", args.remat] + ([] if args.facial else ["--no-facial"])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:

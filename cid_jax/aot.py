@@ -28,6 +28,7 @@ import time
 from typing import Any, Sequence
 
 from cid_jax import cli
+from cid_jax.models.unet import remat_mode
 
 GiB = 1024 ** 3
 
@@ -293,7 +294,7 @@ def advise(*, remat: bool, temp_bytes: int, sharded_bytes: int, fsdp: int, n_dev
     `sharded_bytes`: per-chip parameters + optimizer state; `temp_bytes`: activations/workspace."""
     out = []
     if not remat and temp_bytes > 0.25 * hbm_bytes:
-        out.append(f"--config.model.remat=True: recompute each block in the backward pass instead of keeping "
+        out.append(f"--config.model.remat=full (or attention): recompute each block in the backward pass instead of keeping "
                    f"its activations (temps are {temp_bytes / GiB:.1f} GiB per chip)")
     if fsdp < n_devices and sharded_bytes > 0.15 * hbm_bytes:
         wider = min(n_devices, 2 * fsdp)
@@ -358,7 +359,7 @@ def compile_plan(plan: Plan, mfu: float = 0.4, top_k: int = 8) -> Report:
         topology=plan.topology, chip=plan.chip.name, n_devices=n, mesh=dict(plan.mesh.shape),
         arch_source=plan.arch_source, variant=c.model.variant, resolution=int(c.data.resolution),
         dtype=str(c.model.dtype), frozen_dtype=jnp.dtype(build_lib.frozen_dtype(c)).name,
-        remat=bool(c.model.remat), global_batch=int(c.train.global_batch),
+        remat=remat_mode(c.model.remat) != "none", global_batch=int(c.train.global_batch),
         micro_batch=plan.micro_batch, per_chip_batch=plan.micro_batch // n,
         frozen_param_bytes=_tree_bytes(plan.frozen), trainable_param_bytes=_tree_bytes(plan.state.params),
         opt_state_bytes=_tree_bytes(plan.state.opt_state), batch_bytes=_tree_bytes(plan.batch),
@@ -388,7 +389,7 @@ class DoesNotFit(Exception):
         p = self.plan
         n = len(p.mesh.devices.flat)
         # No buffer assignment came back: treat everything beyond the parameters as activations.
-        return advise(remat=bool(p.config.model.remat), temp_bytes=p.chip.hbm_bytes,
+        return advise(remat=remat_mode(p.config.model.remat) != "none", temp_bytes=p.chip.hbm_bytes,
                       sharded_bytes=_tree_bytes(p.frozen) + _tree_bytes(p.state),
                       fsdp=int(p.mesh.shape["fsdp"]), n_devices=n, hbm_bytes=p.chip.hbm_bytes,
                       per_chip_batch=p.micro_batch // n, dtype=str(p.config.model.dtype))
@@ -452,8 +453,11 @@ def format_report(r: Report, command: str = "") -> str:
 def _main(argv):
     from absl import flags
 
+    from cid_jax import runtime
+
     del argv
     f = flags.FLAGS
+    runtime.enable_compilation_cache(f.compilation_cache_dir if f.compilation_cache else None)
     command = "python -m cid_jax.aot " + " ".join(sys.argv[1:])
     from cid_jax.config_base import config_problems
 
@@ -494,9 +498,12 @@ def main():
     flags.DEFINE_string("output", None, "Also write the table to this file.")
     flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
     flags.DEFINE_bool("debug", cli.debug_requested([]), "Show the traceback of an error (or CID_DEBUG=1).")
+    from cid_jax import runtime
+
+    runtime.define_absl_cache_flags()
     flags.mark_flags_as_required(["config", "topology"])
     app.run(lambda argv: sys.exit(cli.guarded("aot", lambda: _main(argv), debug=flags.FLAGS.debug)),
-            flags_parser=cli.absl_flags_parser("aot"))
+            flags_parser=lambda argv: cli.absl_flags_parser("aot")(runtime.absl_argv(argv)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import pathlib
 import zlib
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ from cid_jax.models.consistentid import ConsistentID, split_unet_params
 from cid_jax.models.facial_encoder import FacialEncoder
 from cid_jax.models.init import random_params
 from cid_jax.models.resampler import ProjPlus
-from cid_jax.models.unet import UNet2DConditionModel, UNetConfig
+from cid_jax.models.unet import UNet2DConditionModel, UNetConfig, remat_mode
 from cid_jax.models.vae import AutoencoderKL, VAEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -155,10 +155,11 @@ def architecture(config, parts: Iterable[str] = PARTS) -> dict:
     return out
 
 
-def _plan(mcfg, dtype):
+def _plan(mcfg, dtype, fold_lora: bool = False):
     return adapters.consistentid_plan(
         rank=mcfg.lora_rank, num_tokens=mcfg.num_id_tokens, scale=mcfg.ip_scale,
-        capture=mcfg.facial_loss_mode, capture_groups=tuple(mcfg.capture_groups), dtype=dtype)
+        capture=mcfg.facial_loss_mode, capture_groups=tuple(mcfg.capture_groups), fold_lora=fold_lora,
+        dtype=dtype)
 
 
 def facial_encoder_sizes(config) -> dict:
@@ -167,10 +168,12 @@ def facial_encoder_sizes(config) -> dict:
     return dict(presets.REFERENCE_FACIAL_ENCODER, **dict(config.model.get("facial_encoder") or {}))
 
 
-def build_modules(config) -> ConsistentID:
-    """The module definitions only (no weights)."""
+def build_modules(config, *, fold_lora: bool = False) -> ConsistentID:
+    """The module definitions only (no weights). `fold_lora`: inference with the LoRA folded into
+    the base kernels (`fold_lora_weights` makes the matching params)."""
     mcfg, dtype = config.model, compute_dtype(config)
-    remat = bool(mcfg.get("remat", False))
+    remat = mcfg.get("remat", False)  # the UNet takes the mode; the CLIP encoders remat only under "full"
+    clip_remat = remat_mode(remat) == "full"
     kernel = mcfg.get("attention", "auto")
     arch = architecture(config)
     unet_cfg = UNetConfig.from_dict(arch["unet"])
@@ -179,11 +182,11 @@ def build_modules(config) -> ConsistentID:
     text_classes = [CLIPTextModel, CLIPTextModelWithProjection][:len(text_cfgs)]
     context_dim = unet_cfg.cross_attention_dim
     return ConsistentID(
-        unet=UNet2DConditionModel(unet_cfg, processor_plan=_plan(mcfg, dtype), attention_kernel=kernel,
+        unet=UNet2DConditionModel(unet_cfg, processor_plan=_plan(mcfg, dtype, fold_lora), attention_kernel=kernel,
                                   remat=remat, dtype=dtype),
         vae=AutoencoderKL(VAEConfig.from_dict(arch["vae"]), attention_kernel=kernel, dtype=dtype),
-        text_encoders=tuple(cls(c, remat=remat, dtype=dtype) for cls, c in zip(text_classes, text_cfgs)),
-        vision=CLIPVisionModelWithProjection(vision_cfg, remat=remat, dtype=dtype),
+        text_encoders=tuple(cls(c, remat=clip_remat, dtype=dtype) for cls, c in zip(text_classes, text_cfgs)),
+        vision=CLIPVisionModelWithProjection(vision_cfg, remat=clip_remat, dtype=dtype),
         facial_encoder=FacialEncoder(embed_dim=context_dim, embedding_dim=vision_cfg.hidden_size,
                                      dtype=dtype, **facial_encoder_sizes(config)),
         image_proj=ProjPlus(cross_attention_dim=context_dim, clip_embeddings_dim=vision_cfg.hidden_size,
@@ -199,13 +202,13 @@ def _zeros(shapes):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def abstract_frozen(model: ConsistentID, boxed: bool = True) -> dict:
-    """The frozen tree's shapes (logically boxed for `sharding.param_shardings`), traced only."""
+def flax_init_frozen(model: ConsistentID) -> Callable[[jax.Array], dict]:
+    """`key -> frozen tree` by flax's module inits (logically boxed). Only traced (`abstract_frozen`);
+    running it would compile a forward pass per module, which construction never does."""
     unet = model.unet.clone(processor_plan=default_plan, attention_kernel=_INIT_KERNEL)
     vae = model.vae.clone(attention_kernel=_INIT_KERNEL)
-    key = jax.random.key(0)
 
-    def shapes():
+    def init(key):
         return {
             "unet": unet.init(key, **_zeros(unet.dummy_inputs()))["params"],
             "vae": vae.init(key, jnp.zeros(vae.dummy_inputs().shape))["params"],
@@ -214,20 +217,18 @@ def abstract_frozen(model: ConsistentID, boxed: bool = True) -> dict:
                      for m in model.text_encoders],
         }
 
-    tree = jax.eval_shape(shapes)
-    return tree if boxed else nn.meta.unbox(tree)
+    return init
 
 
-def abstract_trainable(model: ConsistentID, boxed: bool = True) -> dict:
-    """The trainable tree's shapes (adapters, FacialEncoder, ProjPlus), traced only."""
+def flax_init_trainable(model: ConsistentID) -> Callable[[jax.Array], dict]:
+    """`key -> trainable tree` (adapters, FacialEncoder, ProjPlus) by flax's module inits; traced only."""
     unet = model.unet.clone(attention_kernel=_INIT_KERNEL)
     text_len = model.text_encoders[0].config.max_position_embeddings + model.image_proj.num_tokens
     v = model.vision.config
     tokens = (v.image_size // v.patch_size) ** 2 + 1
     e = model.unet.config.cross_attention_dim
-    key = jax.random.key(0)
 
-    def shapes():
+    def init(key):
         unet_params = unet.init(key, **_zeros(unet.dummy_inputs(text_len=text_len)))["params"]
         fe = model.facial_encoder.init(key, jnp.zeros((1, 77, e)), jnp.zeros((1, 5, tokens, v.hidden_size)),
                                        jnp.zeros((1, 77), bool), jnp.zeros((1, 5), bool))["params"]
@@ -235,7 +236,20 @@ def abstract_trainable(model: ConsistentID, boxed: bool = True) -> dict:
                                      shortcut=model.shortcut)["params"]
         return {"facial_encoder": fe, "image_proj": proj, "adapter_modules": split_unet_params(unet_params)[1]}
 
-    tree = jax.eval_shape(shapes)
+    return init
+
+
+def abstract_frozen(model: ConsistentID, boxed: bool = True) -> dict:
+    """The frozen tree's shapes (logically boxed for `sharding.param_shardings`), traced only."""
+    init = flax_init_frozen(model)
+    tree = jax.eval_shape(lambda: init(jax.random.key(0)))  # the key traced too: nothing compiles
+    return tree if boxed else nn.meta.unbox(tree)
+
+
+def abstract_trainable(model: ConsistentID, boxed: bool = True) -> dict:
+    """The trainable tree's shapes (adapters, FacialEncoder, ProjPlus), traced only."""
+    init = flax_init_trainable(model)
+    tree = jax.eval_shape(lambda: init(jax.random.key(0)))
     return tree if boxed else nn.meta.unbox(tree)
 
 
@@ -246,6 +260,14 @@ def random_frozen(model: ConsistentID, seed: int, dtype=None, shardings=None) ->
     """Random frozen weights (presets: demo, tests, benchmarks), from the abstract shapes (host numpy,
     or placed on `shardings`)."""
     return random_params(abstract_frozen(model), seed, dtype=dtype, shardings=shardings)
+
+
+def fold_lora_weights(frozen: Mapping, trainable: Mapping) -> tuple[dict, dict]:
+    """Inference weights for `build_modules(config, fold_lora=True)`: every LoRA folded into the
+    frozen UNet kernel it adapts (fp32 arithmetic, then the kernel's dtype); the adapters keep
+    their ID projections only."""
+    unet, adapter_modules = adapters.fold_lora(frozen["unet"], trainable["adapter_modules"])
+    return {**frozen, "unet": unet}, {**trainable, "adapter_modules": adapter_modules}
 
 
 def load_frozen(model: ConsistentID, config) -> dict:

@@ -18,7 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
                                                  # (tiny-sd15, ...) when model.base is empty
     c.model.dtype = "bfloat16"                   # compute dtype; trainable params and optimizer state stay fp32
     c.model.frozen_dtype = ""                    # frozen base weights' storage dtype; "" = the compute dtype
-    c.model.remat = False                        # rematerialise each block in the backward pass
+    c.model.remat = "none"                       # backward-pass recompute: "none" (False), "attention" (the
+                                                 # transformer blocks), "full" (True: every block, CLIP too)
     c.model.attention = "auto"                   # attention kernel: auto | fused | chunked | cudnn
     c.model.lora_rank = 128                      # LoRA rank on q/k/v/out of every attention
     c.model.num_id_tokens = 4                    # ID tokens from ProjPlus appended to the 77 text tokens
@@ -75,8 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()       # identity fidelity while training (cid_jax.train_eval)
     c.eval.every_steps = 5000                    # generate + score every N steps and at the end (0 = never)
-    c.eval.references = ""                       # folder of reference photos; "" = held-out synthetic faces
-    c.eval.num_references = 4                    # held-out synthetic faces when references is ""
+    c.eval.references = ""                       # folder of reference photos; "" = the dataset's validation
+                                                 # split, else held-out synthetic faces
+    c.eval.num_references = 4                    # identities taken when references is ""
     c.eval.class_word = "person"                 # the prompts' <class word> (references' class_words.json wins)
     c.eval.prompts = ("a <class word> in the snow", "a <class word> wearing a red hat")  # paper Table 2 style
     c.eval.negative_prompt = ""
@@ -173,6 +175,13 @@ def config_problems(config) -> list[str]:
     if not e.prompts or isinstance(e.prompts, str):
         problems.append(f"--config.eval.prompts={e.prompts!r}: must be a non-empty list of prompts")
     from cid_jax.models import presets, sites
+    from cid_jax.models.unet import remat_mode
+
+    try:
+        remat_mode(config.model.remat)
+    except ValueError:
+        problems.append(f"--config.model.remat={config.model.remat!r}: must be none, attention or full "
+                        "(or True/False)")
 
     m = config.model
     if not m.base and m.get("preset") and m.preset not in presets.NAMES:

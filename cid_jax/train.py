@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cid_jax import cli
+from cid_jax import cli, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)
@@ -22,6 +22,7 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 _DEBUG = flags.DEFINE_bool("debug", cli.debug_requested([]), "Show the traceback of an error (or CID_DEBUG=1).")
+_CACHE_DIR, _CACHE_ON = runtime.define_absl_cache_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,6 +42,7 @@ def run(config, workdir: str) -> int:
     from cid_jax import observe
 
     observe.quiet_library_logs()
+    runtime.enable_compilation_cache(_CACHE_DIR.value if _CACHE_ON.value else None)
     maybe_initialize_distributed()
     import jax
 
@@ -67,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.absl_flags_parser("train"))
+    app.run(main, flags_parser=lambda argv: cli.absl_flags_parser("train")(runtime.absl_argv(argv)))

@@ -14,7 +14,6 @@ weights from `cid_jax.build`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import signal
 import time
@@ -29,7 +28,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from cid_jax import build as build_lib
-from cid_jax import cli, config_base, losses, run as run_lib, schedulers, sharding, train_eval
+from cid_jax import cli, config_base, losses, run as run_lib, runtime, schedulers, sharding, train_eval
 from cid_jax.models.consistentid import ConsistentID
 
 
@@ -354,7 +353,8 @@ def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
     run_lib.write_config(run, config)
     start = int(jax.device_get(state.step))
     state_bytes = _state_bytes(state)
-    logging.info("models built and placed in %.1f s", time.perf_counter() - t0)
+    build_s = time.perf_counter() - t0
+    logging.info("models built and placed in %.1f s", build_s)
 
     if batches is None:
         batches = input_batches(config, run)
@@ -365,17 +365,19 @@ def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
     first = global_batch(first, placement)
     jitted = jit_train_step(model, tx, config, placement, {k: v.ndim for k, v in first.items()})
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, frozen, first, step_key).compile()
+    with runtime.CompileStats() as stats:
+        compiled = jitted.lower(state, frozen, first, step_key).compile()
+    compile_s = time.perf_counter() - t0
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
-    logging.info("train step compiled in %.1f s (%.3g GFLOP per device per step)",
-                 time.perf_counter() - t0, flops / 1e9)
+    logging.info("train step compiled in %.1f s (%.3g GFLOP per device per step%s)",
+                 compile_s, flops / 1e9, "; read from the persistent cache" if stats.cache_hits else "")
 
     writer = observe.Writer(run, mesh)
     evaluator = train_eval.make_evaluator(config, model, run, mesh)
     preempt = _Preemption()
     history, step, preempted = [], start, False
     total = config.train.num_steps
-    progress = observe.progress(total, start)
+    progress = observe.progress(total, start, max(config.train.log_every, total // 20))
     pending_batch = first
     t_log, step_at_log = time.perf_counter(), start
     save_failed = False
@@ -394,12 +396,18 @@ def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
                                tflops_per_device=flops / dt / 1e12,  # XLA counts one device's program
                                lr=float(config.optim.lr))
                 history.append(dict(step=step, **metrics))
+                if step == start + 1:
+                    logging.info("first step done %.1f s after the process started (building %.1f s, compiling "
+                                 "%.1f s, the step %.1f s)", runtime.seconds_since_process_start(), build_s,
+                                 compile_s, dt)
                 writer.scalars(step, metrics)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", facial=f"{metrics['facial_loss']:.4f}")
             if config.train.image_every and step % config.train.image_every == 0:
                 writer.attention_images(step, model, frozen, state.params, batch)
             if evaluator is not None and (step % config.eval.every_steps == 0 or step == total):
+                t_eval = time.perf_counter()
                 writer.eval_scalars(step, evaluator(step, frozen, state.params))
+                t_log += time.perf_counter() - t_eval  # step_time_s measures training steps only
             progress.update(1)
             _surface_save_errors(manager, run, step)
             if manager.should_save(step):

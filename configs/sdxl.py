@@ -13,7 +13,7 @@ def get_config():
     c.model.variant = "sdxl"
     c.model.projplus_shortcut = True
     c.model.capture_groups = SDXL_CAPTURE_GROUPS
-    c.model.remat = True                         # 2.6B frozen UNet at 1024 px: trade compute for memory
+    c.model.remat = "full"                       # 2.6B frozen UNet at 1024 px: trade compute for memory
     c.data.resolution = 1024
     c.data.mask_resolution = 64
     c.train.global_batch = 16

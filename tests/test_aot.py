@@ -132,7 +132,7 @@ def test_advice_names_the_knobs():
     advice = aot.advise(remat=False, temp_bytes=12 * aot.GiB, sharded_bytes=8 * aot.GiB, fsdp=1,
                         per_chip_batch=2, **common)
     assert [a.split(":")[0].split(" ")[0] for a in advice] == [
-        "--config.model.remat=True", "--config.mesh.fsdp=2", "--config.optim.grad_accum=2"]
+        "--config.model.remat=full", "--config.mesh.fsdp=2", "--config.optim.grad_accum=2"]
     assert "4.0 GiB at fsdp=2" in advice[1]
     # Nothing left to turn: say so rather than print nothing.
     advice = aot.advise(remat=True, temp_bytes=1, sharded_bytes=1, fsdp=16, per_chip_batch=1, **common)

@@ -67,24 +67,31 @@ class LoRALinear(nn.Module):
 
 
 class _LoRAProjections(nn.Module):
-    """Shared part of both processors: LoRA-augmented q/k/v and output projection."""
+    """Shared part of both processors: LoRA-augmented q/k/v and output projection.
+
+    `folded=True`: the LoRA has been folded into the base kernels (`fold_lora`, inference), so the
+    projections are the plain ones and the processor has no LoRA parameters."""
     rank: int = 128
     lora_scale: float = 1.0
+    folded: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def lora(self, name: str, features: int) -> LoRALinear:
-        return LoRALinear(features, self.rank, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+    def project(self, base, name: str, features: int, x):
+        if self.folded:
+            return base(x)
+        lora = LoRALinear(features, self.rank, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+        return base(x) + self.lora_scale * lora(x)
 
     def qkv(self, attn, hidden, context):
         inner = attn.heads * attn.dim_head
-        q = attn.to_q(hidden) + self.lora_scale * self.lora("to_q_lora", inner)(hidden)
-        k = attn.to_k(context) + self.lora_scale * self.lora("to_k_lora", inner)(context)
-        v = attn.to_v(context) + self.lora_scale * self.lora("to_v_lora", inner)(context)
+        q = self.project(attn.to_q, "to_q_lora", inner, hidden)
+        k = self.project(attn.to_k, "to_k_lora", inner, context)
+        v = self.project(attn.to_v, "to_v_lora", inner, context)
         return (split_heads(q, attn.heads), split_heads(k, attn.heads), split_heads(v, attn.heads))
 
     def out(self, attn, h):
-        return attn.to_out_0(h) + self.lora_scale * self.lora("to_out_lora", attn.query_dim)(h)
+        return self.project(attn.to_out_0, "to_out_lora", attn.query_dim, h)
 
 
 def gather_keys(probs: jax.Array, token_idx: jax.Array) -> jax.Array:
@@ -170,13 +177,14 @@ class ConsistentCrossProcessor(_LoRAProjections):
 
 def consistentid_plan(*, rank: int = 128, num_tokens: int = 4, scale: float = 1.0,
                       capture: str = "cross", capture_groups: Sequence[str] = SD15_CAPTURE_GROUPS,
-                      lora_scale: float = 1.0, dtype=jnp.float32,
+                      lora_scale: float = 1.0, fold_lora: bool = False, dtype=jnp.float32,
                       param_dtype=jnp.float32) -> ProcessorPlan:
     """The ProcessorPlan that puts ConsistentID's processors on every attention of a UNet.
 
     attn1 -> ConsistentSelfProcessor, attn2 -> ConsistentCrossProcessor. `capture` is "cross"
     (paper: attn2 text probabilities), "self" (reference training code: attn1 probabilities) or
     "none"; it applies to the sites whose block group (`block_group`) is in `capture_groups`.
+    `fold_lora`: the processors expect base kernels with the LoRA folded in (`fold_lora`).
     """
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
@@ -184,7 +192,7 @@ def consistentid_plan(*, rank: int = 128, num_tokens: int = 4, scale: float = 1.
     unknown = groups - set(UNET_LAYER_NAMES)
     if unknown:
         raise ValueError(f"unknown capture groups {sorted(unknown)}; known: {UNET_LAYER_NAMES}")
-    common = dict(rank=rank, lora_scale=lora_scale, dtype=dtype, param_dtype=param_dtype)
+    common = dict(rank=rank, lora_scale=lora_scale, folded=fold_lora, dtype=dtype, param_dtype=param_dtype)
 
     def plan(site: AttentionSite):
         captured = block_group(site.name) in groups and capture == ("cross" if site.is_cross else "self")
@@ -232,6 +240,42 @@ def init_ip_from_base(unet_params: Mapping, adapter_params: Mapping) -> dict:
     if not copied:
         raise ValueError("init_ip_from_base: adapter_params has no processor/to_{k,v}_ip/kernel")
     return traverse_util.unflatten_dict(flat)
+
+
+# The base projection each LoRA adapts (`<attention>/processor/<lora>` -> `<attention>/<base>`).
+LORA_TARGETS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out_0"}
+
+
+def fold_lora(unet_params: Mapping, adapter_params: Mapping, lora_scale: float = 1.0) -> tuple[dict, dict]:
+    """(base UNet params with every LoRA folded in, adapter params without the LoRA subtrees).
+
+    Each adapted kernel becomes `W + lora_scale * down @ up`, computed in float32 and cast back to
+    W's dtype, so a model built with `consistentid_plan(fold_lora=True)` computes the same function
+    with one matmul per projection instead of three. Host trees stay numpy, device trees stay on
+    their devices; raises if a LoRA has no base kernel."""
+    base = dict(traverse_util.flatten_dict(unet_params))
+    adapters = traverse_util.flatten_dict(adapter_params)
+    kept = {}
+    folded = 0
+    for path, leaf in adapters.items():
+        if len(path) < 4 or path[-4] != "processor" or path[-3] not in LORA_TARGETS:
+            kept[path] = leaf
+            continue
+        if path[-2:] != ("down", "kernel"):
+            continue  # `up` is read with its `down`
+        attention = path[:-4]
+        target = attention + (LORA_TARGETS[path[-3]], "kernel")
+        if target not in base:
+            raise KeyError(f"fold_lora: no base kernel {'/'.join(target)} for {'/'.join(path[:-2])}")
+        up = adapters[path[:-2] + ("up", "kernel")]
+        w = base[target]
+        xp = np if isinstance(w, np.ndarray) else jnp
+        delta = xp.asarray(leaf, xp.float32) @ xp.asarray(up, xp.float32)
+        base[target] = (xp.asarray(w, xp.float32) + xp.float32(lora_scale) * delta).astype(w.dtype)
+        folded += 1
+    if not folded:
+        raise ValueError("fold_lora: adapter_params has no processor/*_lora/down/kernel")
+    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(kept)
 
 
 def collect_facial_attn(intermediates: Mapping) -> dict[str, jax.Array]:

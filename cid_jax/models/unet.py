@@ -3,7 +3,8 @@
 Built from a diffusers `unet/config.json`. Every attention gets its processor from
 `processor_plan(site)` (see attention.py), and `attention_kwargs` reach every processor, so adapters
 (LoRA, decoupled ID attention, probability capture) plug in without touching this file.
-`remat=True` rematerialises each resnet/transformer block in the backward pass.
+`remat` (REMAT_MODES): "full" (or True) rematerialises each resnet and transformer block in the
+backward pass, "attention" only the transformer blocks, "none" (or False) nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ from cid_jax.sharding import dense_init
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
+
+REMAT_MODES = ("none", "attention", "full")
+
+
+def remat_mode(remat) -> str:
+    """`model.remat` as one of REMAT_MODES (False/True are "none"/"full")."""
+    if isinstance(remat, bool) or remat is None:
+        return "full" if remat else "none"
+    if isinstance(remat, str) and remat.lower() in ("true", "false"):  # --config.model.remat=True
+        return "full" if remat.lower() == "true" else "none"
+    if remat not in REMAT_MODES:
+        raise ValueError(f"remat must be one of {REMAT_MODES} (or a bool), got {remat!r}")
+    return remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +191,7 @@ class Transformer2DModel(nn.Module):
     groups: int = 32
     processor_plan: ProcessorPlan = default_plan
     attention_kernel: str = "auto"
-    remat: bool = False
+    remat: Any = False   # REMAT_MODES or a bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -192,7 +206,7 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(self.channels, name="proj_in", kernel_init=dense_init(("mlp", "embed")), **kw)(h)
         else:
             h = conv(self.channels, 1, "proj_in", padding="VALID", **kw)(h).reshape(b, hgt * wid, c)
-        block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+        block_cls = nn.remat(BasicTransformerBlock) if remat_mode(self.remat) != "none" else BasicTransformerBlock
         for i in range(self.depth):
             h = block_cls(self.channels, self.heads, self.context_dim,
                           name_prefix=f"{self.name_prefix}.transformer_blocks.{i}",
@@ -212,12 +226,12 @@ class _BlockBase(nn.Module):
     index: int
     processor_plan: ProcessorPlan = default_plan
     attention_kernel: str = "auto"
-    remat: bool = False
+    remat: Any = False   # REMAT_MODES or a bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def resnet(self, channels: int, name: str):
-        cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        cls = nn.remat(ResnetBlock2D) if remat_mode(self.remat) == "full" else ResnetBlock2D
         return cls(channels, self.config.norm_num_groups, self.config.norm_eps, name=name,
                    dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -303,7 +317,7 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig = SD15_UNET
     processor_plan: ProcessorPlan = default_plan
     attention_kernel: str = "auto"
-    remat: bool = False
+    remat: Any = False   # REMAT_MODES or a bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
