@@ -18,6 +18,7 @@ CORE = [
     "tensorboardX>=2.6",
     "scikit-image>=0.26",  # offline frontal-face detector and real test photos
     "scipy",               # hole filling of region masks
+    "matplotlib>=3.9",     # loss curves
 ]
 
 EXTRAS = {
@@ -32,7 +33,10 @@ EXTRAS = {
     "face": ["insightface>=2.1", "onnxruntime>=1.31", "opencv-python", "onnx"],
     # Ahead-of-time compilation for TPU topologies on a CPU machine.
     "tpu": ["libtpu"],
-    "dev": ["pytest>=8"],
+    # The web demo (python -m cid_jax.app) and its programmatic client.
+    "app": ["gradio>=6.0", "gradio_client>=2.0"],
+    # Tests; the browser test drives Debian's chromium + chromedriver through selenium.
+    "dev": ["pytest>=8", "selenium>=4.20"],
 }
 EXTRAS["all"] = sorted({d for k, deps in EXTRAS.items() if k != "tpu" for d in deps})
 

@@ -4,7 +4,7 @@
 # prints seconds per image for both (median of 3 after a warm-up) and writes a markdown report.
 #
 #   bash benchmarks/device_generate.sh                 # from the repository root, on the GPU machine
-#   bash benchmarks/device_generate.sh --runs=5 --batch=4   # extra flags go to benchmarks/generate.py
+#   bash benchmarks/device_generate.sh --runs=5 --batches=1,8   # extra flags go to benchmarks/generate.py
 #   bash benchmarks/device_generate.sh --help
 #
 # Weights: no SD1.5 / CLIP-H / ConsistentID weights can be downloaded here, so both sides run the

@@ -1,6 +1,6 @@
 """Seconds per image: our compiled JAX ConsistentID pipeline vs the PyTorch/diffusers path, same run.
 
-    python benchmarks/generate.py --presets=tiny,mid --runs=3 --out=benchmarks/results/generate.md
+    python benchmarks/generate.py --presets=tiny,mid --batches=1,4 --runs=3 --out=benchmarks/results/generate.md
     python benchmarks/generate.py --presets=sd15 --device=gpu --dtype=bf16 --steps=50   # see device_generate.sh
 
 Both sides compute the same thing from the same files (random weights; no real weights are
@@ -233,7 +233,9 @@ def host_inputs(loaded, batch: int, size: int, steps: int, sampler: str):
     return inputs, noise, pl.scheduler_state(sampler, steps, loaded.noise_config)
 
 
-def run_preset(name: str, args) -> dict:
+def run_preset(name: str, args) -> list[dict]:
+    """One result per batch size: ours with the LoRA folded in at load (the CLI's default) and
+    unfolded, and PyTorch, alternating."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -248,14 +250,15 @@ def run_preset(name: str, args) -> dict:
     root = pathlib.Path(args.weights_dir) / name if args.weights_dir else pathlib.Path(tempfile.mkdtemp()) / name
     workdir = write_weights(preset, root)
 
-    log(f"[{name}] loading ours (cid_jax.generate.load)")
     jax_dtype = TORCH_DTYPES[args.dtype]
-    loaded = gen.load(str(workdir), dtype=jax_dtype)
     cast = (lambda x: x) if args.dtype == "fp32" or args.keep_fp32_params else (
         lambda x: x.astype(jax_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
-    frozen, trainable = jax.device_put(jax.tree.map(lambda x: cast(jnp.asarray(x)), (loaded.frozen, loaded.trainable)))
-    inputs, noise, state = host_inputs(loaded, args.batch, size, steps, args.sampler)
-    g = pl.Generator(loaded.model)
+    variants = {}
+    for label, fold in (("folded", True), ("unfolded", False)):
+        log(f"[{name}] loading ours (cid_jax.generate.load, LoRA {label})")
+        loaded = gen.load(str(workdir), dtype=jax_dtype, fold_lora=fold)
+        params = jax.device_put(jax.tree.map(lambda x: cast(jnp.asarray(x)), (loaded.frozen, loaded.trainable)))
+        variants[label] = (loaded, params, pl.Generator(loaded.model))
 
     log(f"[{name}] loading PyTorch (convert/run_pytorch.py ConsistentIDTorch)")
     import importlib.util
@@ -266,40 +269,48 @@ def run_preset(name: str, args) -> dict:
     device = "cuda" if args.device == "gpu" else "cpu"
     runner = rp.ConsistentIDTorch(workdir / "consistentid.safetensors", root / "base", root / "clip", device=device,
                                   dtype=getattr(torch, TORCH_DTYPES[args.dtype]), sampler=args.sampler,
-                                  facial_encoder_heads=loaded.model.facial_encoder.heads)
-
-    def ours():
-        return np.asarray(g(frozen, trainable, inputs, noise, state, args.merge_step, args.guidance)[0])
-
-    def theirs():
-        with contextlib.redirect_stderr(io.StringIO()):  # its per-step progress line
-            out = runner(inputs, noise, steps, args.merge_step, args.guidance)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
+                                  facial_encoder_heads=variants["folded"][0].model.facial_encoder.heads)
 
     def timed(fn):
         t0 = time.perf_counter()
         out = fn()
         return time.perf_counter() - t0, out
 
-    log(f"[{name}] warm-up (ours: compilation)")
-    first_ours, _ = timed(ours)
-    first_theirs, _ = timed(theirs)
-    t_ours, t_theirs = [], []
-    for r in range(args.runs):
-        dt, img_ours = timed(ours)
-        t_ours.append(dt / args.batch)
-        dt, img_theirs = timed(theirs)
-        t_theirs.append(dt / args.batch)
-        log(f"[{name}] run {r + 1}/{args.runs}: ours {t_ours[-1]:.3f} s/img, PyTorch {t_theirs[-1]:.3f} s/img")
-    diff = float(np.abs(img_ours.astype(np.float32) - img_theirs.astype(np.float32)).max())
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((frozen, trainable)))
+    results = []
+    for batch in args.batches:
+        inputs, noise, state = host_inputs(variants["folded"][0], batch, size, steps, args.sampler)
+
+        def ours(label):
+            _, (frozen, trainable), g = variants[label]
+            return np.asarray(g(frozen, trainable, inputs, noise, state, args.merge_step, args.guidance)[0])
+
+        def theirs():
+            with contextlib.redirect_stderr(io.StringIO()):  # its per-step progress line
+                out = runner(inputs, noise, steps, args.merge_step, args.guidance)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        cases = {"folded": lambda: ours("folded"), "unfolded": lambda: ours("unfolded"), "torch": theirs}
+        log(f"[{name}] batch {batch}: warm-up (ours: compilation)")
+        first = {k: timed(fn)[0] for k, fn in cases.items()}
+        per_image = {k: [] for k in cases}
+        last = {}
+        for r in range(args.runs):
+            for k, fn in cases.items():
+                dt, last[k] = timed(fn)
+                per_image[k].append(dt / batch)
+            log(f"[{name}] batch {batch} run {r + 1}/{args.runs}: " +
+                ", ".join(f"{k} {v[-1]:.3f} s/img" for k, v in per_image.items()))
+        diff = lambda a, b: float(np.abs(last[a].astype(np.float32) - last[b].astype(np.float32)).max())  # noqa: E731
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variants["unfolded"][1]))
+        results.append(dict(preset=name, size=size, steps=steps, merge=args.merge_step, batch=batch, params=n_params,
+                            t=per_image, first=first, diff_torch=diff("folded", "torch"),
+                            diff_fold=diff("folded", "unfolded"), jax_device=str(jax.devices()[0]),
+                            torch_device=device, attention=attention_note()))
     if not args.weights_dir:
         shutil.rmtree(root.parent, ignore_errors=True)
-    return dict(preset=name, size=size, steps=steps, merge=args.merge_step, params=n_params, t_ours=t_ours, t_theirs=t_theirs,
-                first_ours=first_ours, first_theirs=first_theirs, max_diff=diff,
-                jax_device=str(jax.devices()[0]), torch_device=device, attention=attention_note())
+    return results
 
 
 def attention_note() -> str:
@@ -324,20 +335,23 @@ def report(results: list[dict], args) -> str:
              f"({results[0]['jax_device']}), torch {torch.__version__} ({results[0]['torch_device']}"
              f"{', ' + str(torch.get_num_threads()) + ' threads' if results[0]['torch_device'] == 'cpu' else ''}), "
              f"diffusers {diffusers.__version__}.",
-             f"Setting: {args.dtype}, {args.sampler}, CFG {args.guidance}, batch {args.batch} (times are per "
-             f"image), median of {args.runs} alternating runs after one warm-up; ours' attention kernel: "
-             f"{results[0]['attention']}.", "",
-             "| preset | px | steps (merge) | params | cid_jax s/img | PyTorch s/img | ratio (ours / PyTorch) | "
-             "cid_jax 1st call (compile) s | PyTorch 1st call s | max abs image diff |",
+             f"Setting: {args.dtype}, {args.sampler}, CFG {args.guidance}; median of {args.runs} alternating runs "
+             f"after one warm-up each; ours' attention kernel: {results[0]['attention']}. Ours 'folded': each LoRA "
+             "folded into its base projection at load (the CLI's default); 'unfolded': --no_fold_lora.", "",
+             "| preset | px | steps (merge) | batch | cid_jax folded s/img (img/s) | cid_jax unfolded s/img | "
+             "PyTorch s/img (img/s) | folded / PyTorch | 1st call s: folded / unfolded / PyTorch | "
+             "max abs diff vs PyTorch / folded vs unfolded |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        mo, mt = statistics.median(r["t_ours"]), statistics.median(r["t_theirs"])
-        lines.append(f"| {r['preset']} | {r['size']} | {r['steps']} ({r['merge']}) | {r['params'] / 1e6:.1f} M | {mo:.3f} | "
-                     f"{mt:.3f} | **{mo / mt:.2f}x** | {r['first_ours']:.1f} | {r['first_theirs']:.2f} | "
-                     f"{r['max_diff']:.1e} |")
+        m = {k: statistics.median(v) for k, v in r["t"].items()}
+        lines.append(f"| {r['preset']} | {r['size']} | {r['steps']} ({r['merge']}) | {r['batch']} | "
+                     f"{m['folded']:.3f} ({1 / m['folded']:.2f}) | {m['unfolded']:.3f} | "
+                     f"{m['torch']:.3f} ({1 / m['torch']:.2f}) | **{m['folded'] / m['torch']:.2f}x** | "
+                     f"{r['first']['folded']:.1f} / {r['first']['unfolded']:.1f} / {r['first']['torch']:.2f} | "
+                     f"{r['diff_torch']:.1e} / {r['diff_fold']:.1e} |")
     lines += ["", "Runs (s/img): " + "; ".join(
-        f"{r['preset']}: ours {', '.join(f'{t:.3f}' for t in r['t_ours'])} / PyTorch "
-        f"{', '.join(f'{t:.3f}' for t in r['t_theirs'])}" for r in results), ""]
+        f"{r['preset']} batch {r['batch']}: " + ", ".join(f"{k} {'/'.join(f'{t:.3f}' for t in v)}"
+                                                          for k, v in r["t"].items()) for r in results), ""]
     return "\n".join(lines)
 
 
@@ -349,7 +363,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-fp32-params", action="store_true", help="ours: keep fp32 params with a low-precision dtype")
     p.add_argument("--steps", type=int, default=None, help="default: the preset's")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1, help="images per call (one prompt, several seeds)")
+    p.add_argument("--batches", default="1", help="comma-separated images per call (one prompt, several seeds)")
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--merge-step", type=int, default=None, help="default: 30/50 of the steps (the reference's)")
@@ -366,6 +380,7 @@ def parse_args(argv=None):
         p.error(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
     if args.runs < 1:
         p.error("--runs must be >= 1")
+    args.batches = [int(b) for b in args.batches.split(",")]
     return args
 
 
@@ -392,7 +407,7 @@ def main(argv=None) -> int:
         steps = args.steps or PRESETS[name]()["steps"]
         run_args = argparse.Namespace(**vars(args))
         run_args.merge_step = args.merge_step if args.merge_step is not None else round(steps * 30 / 50)
-        results.append(run_preset(name, run_args))
+        results.extend(run_preset(name, run_args))
     text = report(results, args)
     print(text)
     if args.out:

@@ -5,6 +5,14 @@
         --guidance=5 --merge_step=30 --seed=2024 --num_images=4 --sampler=euler --out=out.png
         --parser_weights=face_parsing.pth --insightface_models=~/.insightface/models/buffalo_l]
 
+Many images per call: `--prompt` repeated and/or `--prompts_file` (one prompt a line) x `--seeds=1,2,3`
+(or `--seed` and `--num_images`), made `--batch_size` at a time by one compiled program (the last
+batch padded); `--out` is then their grid, and each image is also `<out>_<k>.png` with its prompt,
+seed and settings in the PNG metadata. At load each LoRA is folded into its base projection
+(`--no_fold_lora` keeps them apart). Compiled programs persist across runs (cid_jax.runtime:
+`--compilation_cache_dir`, `--no_compilation_cache`); the log says how long loading, compiling and
+sampling took.
+
 (Every flag also answers to its dashed spelling: `--image-encoder`, `--merge-step`, ...)
 
 `--base` may be an SD1.5 or an SDXL diffusers folder (SDXL: it has text_encoder_2/); SDXL uses the
@@ -147,8 +155,11 @@ def noise_config_for(config) -> dict:
 
 
 def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[str] = None,
-         dtype: Optional[str] = None, step: Optional[int] = None) -> Loaded:
-    """Model, frozen and trainable params, tokenizer and scheduler config for `--checkpoint`."""
+         dtype: Optional[str] = None, step: Optional[int] = None, fold_lora: bool = True) -> Loaded:
+    """Model, frozen and trainable params, tokenizer and scheduler config for `--checkpoint`.
+
+    `fold_lora` (default): each LoRA is folded into the base projection it adapts (W + up.down in
+    fp32, then the compute dtype), so sampling runs plain projections; False keeps them apart."""
     from cid_jax import build as build_lib
     from cid_jax import run as run_lib
 
@@ -165,7 +176,7 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
             config = fit_config_to_file(config, ckpt)
     config = inference_config(config, dtype)
     build_lib.check_weight_folders(config)
-    model = build_lib.build_modules(config)
+    model = build_lib.build_modules(config, fold_lora=fold_lora)
 
     metadata = {}
     if run is not None and run.checkpoints.is_dir():
@@ -185,11 +196,23 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
     # Pairing of part images to facial words: the checkpoint's metadata, else the training config's
     # (a run), else "reference" (the released weights).
     metadata.setdefault("pairing", "reference")
-    frozen = build_lib.cast_floating(run_lib.frozen_weights(model, config, run), build_lib.compute_dtype(config))
+    frozen = run_lib.frozen_weights(model, config, run)
+    if fold_lora:
+        frozen, trainable = build_lib.fold_lora_weights(frozen, trainable)
+    frozen = build_lib.cast_floating(frozen, build_lib.compute_dtype(config))
     return Loaded(model, frozen, trainable, metadata, tokenizer_for(config), noise_config_for(config))
 
 
 # ------------------------------------------------------------------------------------- run
+
+
+def default_size(loaded: Loaded, base: Optional[str]) -> int:
+    """Image side when none is asked for: the variant's (512, SDXL 1024); 64 for a tiny preset run."""
+    from cid_jax import sampling as pl
+
+    if loaded.model.vae.config.sample_size <= 256 and not base:
+        return 64
+    return pl.VARIANT_DEFAULTS[loaded.model.variant].size
 
 
 def read_image(path: str) -> np.ndarray:
@@ -256,7 +279,7 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
                       guidance: float, merge_step: int, sampler: str, height: int, width: int,
                       caption: Optional[str] = None, batch_size: Optional[int] = None,
                       progress: bool = False, programs: Optional[dict] = None,
-                      generator=None) -> tuple[np.ndarray, Timing]:
+                      generator=None, ip_scale: float = 1.0) -> tuple[np.ndarray, Timing]:
     """uint8 images [len(requests), H, W, 3] in request order, made `batch_size` at a time by one
     compiled program (the last batch padded by repeating its last request; default: all at once).
 
@@ -280,7 +303,7 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
         if key not in texts:
             texts[key] = pl.text_batch(r.prompt, negative_prompt, loaded.tokenizer, r.face.part_names, caption,
                                        pairing, loaded.model.variant)
-            log.info("facial prompt: %s", texts[key].prompt_face)
+            (log.info if progress else log.debug)("facial prompt: %s", texts[key].prompt_face)
         return texts[key]
 
     shape = pl.latent_shape(loaded.model, height, width)
@@ -316,7 +339,7 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
             inputs, noise = batch_inputs(batch)
         t0 = time.perf_counter()
         images, _ = compiled(loaded.frozen, loaded.trainable, inputs, noise, state, jnp.int32(merge_step),
-                             jnp.float32(guidance))
+                             jnp.float32(guidance), jnp.float32(ip_scale))
         images = pl.to_uint8(images)  # waits for the batch
         timing.sample_s += time.perf_counter() - t0
         out.append(images)
@@ -341,30 +364,76 @@ def generate(loaded: Loaded, image: np.ndarray, label_map: np.ndarray, id_embedd
     return images
 
 
-def parse_args(argv: Optional[Sequence[str]] = None):
-    p = cli.ArgumentParser(prog="python -m cid_jax.generate", description=__doc__)
+def add_model_flags(p) -> None:
+    """The flags that say which model to load and how to read faces (generate, the app)."""
+    from cid_jax import runtime
+
     p.add_argument("--checkpoint", required=True, help="training run directory, exported .safetensors or reference .bin")
     p.add_argument("--step", type=int, default=None, help="run directory: the checkpoint step (default: the newest)")
     p.add_argument("--base", help="diffusers SD1.5 or SDXL folder (not needed for a preset (demo) run)")
     p.add_argument("--image_encoder", help="CLIP-ViT-H-14 folder (default: <base>/image_encoder)")
-    p.add_argument("--image", required=True, help="reference photo with one face")
-    p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--no_fold_lora", action="store_true",
+                   help="keep each LoRA apart from its base projection (default: folded in at load)")
+    p.add_argument("--height", type=int, default=None, help="default 512, SDXL 1024 (tiny demo: 64)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
     p.add_argument("--negative_prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
     p.add_argument("--caption", default=None, help="face caption with the facial words (default: the reference's)")
+    p.add_argument("--parser_weights", help="BiSeNet 79999_iter.pth / face_parsing.pth")
+    p.add_argument("--insightface_models", help="insightface buffalo_l folder")
+    runtime.add_cache_flags(p)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = cli.ArgumentParser(prog="python -m cid_jax.generate", description=__doc__)
+    add_model_flags(p)
+    p.add_argument("--image", required=True, help="reference photo with one face")
+    p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    p.add_argument("--prompts_file", help="a text file with one prompt per line (added to --prompt)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 5; SDXL 7.5, as the references)")
     p.add_argument("--merge_step", type=int, default=30, help="steps i <= merge_step use the text-only prompt")
+    p.add_argument("--ip_scale", type=float, default=1.0, help="weight of the ID attention branch (ID scale)")
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--num_images", type=int, default=1, help="seeds seed, seed+1, ...")
-    p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
-    p.add_argument("--height", type=int, default=None, help="default 512, SDXL 1024 (tiny demo: 64)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--out", default="consistentid.png", help="PNG path; several images also write <out>_<k>.png")
-    p.add_argument("--parser_weights", help="BiSeNet 79999_iter.pth / face_parsing.pth")
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds per prompt (instead of --seed/--num_images)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per compiled call (default: all, up to 4); the last batch is padded")
+    p.add_argument("--out", default="consistentid.png",
+                   help="PNG path; several images: this is their grid, and each is also <out>_<k>.png")
     p.add_argument("--parsing", help="a 19-class parsing map (PNG) of the photo, used instead of a parser")
-    p.add_argument("--insightface_models", help="insightface buffalo_l folder")
     return p.parse_args(argv)
+
+
+def read_prompts_file(path: str) -> list[str]:
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        raise cli.MissingError(f"--prompts_file={path} does not exist")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise cli.InputError(f"--prompts_file={path} holds no prompt (one per line)")
+    return prompts
+
+
+def seeds_of(args) -> list[int]:
+    if args.seeds:
+        try:
+            return [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise cli.InputError(f"--seeds={args.seeds}: must be comma-separated integers") from None
+    return [args.seed + k for k in range(args.num_images)]
+
+
+def png_info(parameters: dict):
+    """PNG text chunks: `prompt`, `seed`, and every setting as JSON under `parameters`."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", str(parameters.get("prompt", "")))
+    info.add_text("seed", str(parameters.get("seed", "")))
+    info.add_text("parameters", json.dumps(parameters))
+    return info
 
 
 def check_args(args) -> None:
@@ -376,6 +445,10 @@ def check_args(args) -> None:
         problems.append(f"--steps={args.steps}: must be >= 1 (the reference uses 50)")
     if args.num_images < 1:
         problems.append(f"--num_images={args.num_images}: must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        problems.append(f"--batch_size={args.batch_size}: must be >= 1")
+    if not args.prompt and not args.prompts_file:
+        problems.append("no prompt: give --prompt (repeatable) or --prompts_file")
     if args.guidance is not None and not math.isfinite(args.guidance):
         problems.append(f"--guidance={args.guidance}: must be a finite number (the reference uses 5; SDXL 7.5)")
     for name in ("height", "width"):
@@ -409,31 +482,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_library_logs()
     args = parse_args(argv)
     check_args(args)
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    seeds = seeds_of(args)
+    from cid_jax import runtime
+
+    runtime.cache_from_args(args)
     from cid_jax import sampling as pl
 
-    image, label_map, id_embedding = analyse_photo(args, variant(args.checkpoint, args.base))
-    log.info("loading %s", args.checkpoint)
-    loaded = load(args.checkpoint, args.base, args.image_encoder, args.dtype, args.step)
-    defaults = pl.VARIANT_DEFAULTS[loaded.model.variant]
-    default_size = 64 if loaded.model.vae.config.sample_size <= 256 and not args.base else defaults.size
-    height, width = args.height or default_size, args.width or default_size
-    guidance = args.guidance if args.guidance is not None else defaults.guidance
-    seeds = [args.seed + k for k in range(args.num_images)]
-    images = generate(loaded, image, label_map, id_embedding, args.prompt, args.negative_prompt, seeds,
-                      steps=args.steps, guidance=guidance, merge_step=args.merge_step,
-                      sampler=args.sampler, height=height, width=width, caption=args.caption)
+    with runtime.CompileStats() as stats:
+        image, label_map, id_embedding = analyse_photo(args, variant(args.checkpoint, args.base))
+        log.info("loading %s", args.checkpoint)
+        t0 = time.perf_counter()
+        loaded = load(args.checkpoint, args.base, args.image_encoder, args.dtype, args.step,
+                      fold_lora=not args.no_fold_lora)
+        load_s = time.perf_counter() - t0
+        defaults = pl.VARIANT_DEFAULTS[loaded.model.variant]
+        size = default_size(loaded, args.base)
+        height, width = args.height or size, args.width or size
+        guidance = args.guidance if args.guidance is not None else defaults.guidance
+        face = pl.face_batch(image, label_map, id_embedding)
+        requests = [ImageRequest(face, p, s) for p in prompts for s in seeds]
+        batch_size = args.batch_size or min(len(requests), 4)
+        log.info("%d image(s) (%d prompt(s) x %d seed(s)), %d per call, %dx%d, %d %s steps", len(requests),
+                 len(prompts), len(seeds), batch_size, width, height, args.steps, args.sampler)
+        images, timing = generate_requests(
+            loaded, requests, negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
+            merge_step=args.merge_step, sampler=args.sampler, height=height, width=width, caption=args.caption,
+            batch_size=batch_size, progress=True, ip_scale=args.ip_scale)
+    log.info("loaded in %.1f s; compiled in %.1f s (%s); sampled %d image(s) in %.1f s (%.2f s/image)",
+             load_s, timing.compile_s, stats.describe(), len(images), timing.sample_s, timing.s_per_image)
+    write_images(args, images, requests, guidance)
+    return 0
+
+
+def write_images(args, images: np.ndarray, requests: Sequence[ImageRequest], guidance: float) -> None:
+    """One PNG per image with its prompt and seed in the metadata; several also get a grid at --out."""
     from PIL import Image
 
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
+                  merge_step=args.merge_step, ip_scale=args.ip_scale, sampler=args.sampler,
+                  checkpoint=str(args.checkpoint), image=str(args.image))
     if len(images) == 1:
-        Image.fromarray(images[0]).save(out)
-    else:
-        for k, im in enumerate(images):
-            Image.fromarray(im).save(out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}"))
-        Image.fromarray(grid(images)).save(out)
-    log.info("wrote %s", out)
-    return 0
+        Image.fromarray(images[0]).save(out, pnginfo=png_info(dict(prompt=requests[0].prompt,
+                                                                    seed=requests[0].seed, **common)))
+        log.info("wrote %s", out)
+        return
+    for k, (im, r) in enumerate(zip(images, requests)):
+        Image.fromarray(im).save(out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}"),
+                                 pnginfo=png_info(dict(prompt=r.prompt, seed=r.seed, **common)))
+    Image.fromarray(grid(images)).save(out, pnginfo=png_info(dict(
+        prompt=[r.prompt for r in requests], seed=[r.seed for r in requests], **common)))
+    log.info("wrote %s (grid) and %s_0..%d%s", out, out.with_suffix(""), len(images) - 1, out.suffix or ".png")
 
 
 if __name__ == "__main__":

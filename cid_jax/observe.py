@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 class _QuietOrbax:
@@ -23,48 +23,106 @@ class _QuietOrbax:
 
 
 def quiet_library_logs() -> None:
-    """Keeps library INFO chatter (orbax checkpointing) out of our console output."""
+    """Keeps library INFO chatter (orbax checkpointing, HTTP requests) out of our console output."""
     import logging as std_logging
 
     std_logging.getLogger("absl").addFilter(_QuietOrbax())
+    for name in ("httpx", "httpcore"):  # one INFO line per HTTP request (gradio's client, hub checks)
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
 
-def progress(total: int, start: int):
-    """A tqdm bar on process 0 (a silent one elsewhere)."""
+class _LogProgress:
+    """tqdm's interface for a non-terminal stderr (a log file, a pipe, a job scheduler): one line
+    every `every` steps instead of carriage-return redraws that fill the log."""
+
+    def __init__(self, total: int, start: int, every: int, desc: str = "train"):
+        import time
+
+        self.total, self.n, self.every, self.desc = total, start, max(1, every), desc
+        self._clock = time.perf_counter
+        self._t0, self._n0 = self._clock(), start
+        self._postfix = ""
+
+    def set_postfix(self, **kwargs) -> None:
+        self._postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            rate = (self.n - self._n0) / max(1e-9, self._clock() - self._t0)
+            left = (self.total - self.n) / rate if rate > 0 else float("nan")
+            logging.info("%s %d/%d (%.0f%%), %.2f steps/s, %s left%s", self.desc, self.n, self.total,
+                         100 * self.n / max(1, self.total), rate, _duration(left),
+                         f", {self._postfix}" if self._postfix else "")
+
+    def close(self) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress(total: int, start: int, log_every: int = 50, stream=None):
+    """A tqdm bar on process 0 when stderr is a terminal; otherwise a log line every `log_every`
+    steps; silent on the other processes."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+    stream = sys.stderr if stream is None else stream
+    if jax.process_index() == 0 and not (hasattr(stream, "isatty") and stream.isatty()):
+        return _LogProgress(total, start, log_every)
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=stream,
                 disable=jax.process_index() != 0)
 
 
-def plot_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], path: pathlib.Path,
-                size=(900, 300)) -> None:
-    """Small line plots (one panel per key) drawn with PIL, so no plotting library is needed."""
+def ema(values: np.ndarray, halflife: float) -> np.ndarray:
+    """Exponential moving average over a series (NaNs skipped), bias-corrected from the start."""
+    decay = 0.5 ** (1.0 / max(halflife, 1e-9))
+    out, acc, weight = np.full(len(values), np.nan), 0.0, 0.0
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            acc, weight = decay * acc + (1 - decay) * v, decay * weight + (1 - decay)
+        if weight > 0:
+            out[i] = acc / weight
+    return out
+
+
+def plot_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], path: pathlib.Path) -> None:
+    """One panel per key: the logged values and their EMA (half-life ~1/20 of the run), with step
+    and value axes, drawn by matplotlib (no display needed)."""
     if not history:
         return
-    w, h = size
-    img = Image.new("RGB", (w, h * len(keys)), "white")
-    draw = ImageDraw.Draw(img)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(np.isfinite(r.get(k, np.nan)) for r in history)]
+    if not keys:
+        return
     steps = np.array([r["step"] for r in history], np.float64)
-    for i, key in enumerate(keys):
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 2.6 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
         ys = np.array([r.get(key, np.nan) for r in history], np.float64)
-        top, left, right, bottom = i * h + 25, 60, w - 15, (i + 1) * h - 25
-        draw.rectangle([left, top, right, bottom], outline="black")
+        ax.plot(steps, ys, color="tab:blue", alpha=0.35, linewidth=0.8, label="logged")
+        ax.plot(steps, ema(ys, max(1.0, len(ys) / 20)), color="tab:red", linewidth=1.8, label="EMA")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
         finite = ys[np.isfinite(ys)]
-        if finite.size == 0:
-            continue
-        lo, hi = float(finite.min()), float(finite.max())
-        hi = hi if hi > lo else lo + 1e-12
-        x0, x1 = steps.min(), max(steps.max(), steps.min() + 1)
-        pts = [(left + (s - x0) / (x1 - x0) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
-               for s, y in zip(steps, ys) if np.isfinite(y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=(200, 40, 40), width=2)
-        draw.text((left, top - 18), f"{key}  (min {lo:.4g}, max {hi:.4g}, last {finite[-1]:.4g})", fill="black")
-        draw.text((left, bottom + 5), f"step {int(x0)}", fill="black")
-        draw.text((right - 80, bottom + 5), f"step {int(x1)}", fill="black")
+        if finite.size:
+            ax.set_title(f"{key}: last {finite[-1]:.4g}, min {finite.min():.4g}", fontsize=9, loc="left")
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def attention_overlay(image: np.ndarray, maps: np.ndarray, valid: np.ndarray) -> Image.Image:

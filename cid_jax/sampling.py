@@ -204,10 +204,11 @@ def conditional_context(i, merge_step, text: jax.Array, augmented: jax.Array) ->
 
 
 def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: jax.Array,
-           state: schedulers.SamplerState, merge_step, guidance, collect: bool = False):
+           state: schedulers.SamplerState, merge_step, guidance, collect: bool = False, ip_scale=None):
     """Denoises `noise` [B, h, w, 4] (standard normal) over all of `state`'s steps.
 
-    `merge_step` and `guidance` are traced scalars (no recompilation when they change). Returns the
+    `merge_step`, `guidance` and `ip_scale` (the ID branch's weight; None: the model's) are traced
+    scalars (no recompilation when they change). Returns the
     final latents, and with `collect=True` also the guided noise prediction of every step [n, B, ...].
     """
     n = state.timesteps.shape[0]
@@ -223,7 +224,7 @@ def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: j
                          time_ids=jnp.concatenate([sets.time_ids, sets.time_ids], axis=0))
         x_in = state.scale_model_input(x, i)
         eps, _ = model.predict_noise(frozen, trainable, jnp.concatenate([x_in, x_in], axis=0),
-                                     state.timesteps[i], context, added, capture=False)
+                                     state.timesteps[i], context, added, capture=False, ip_scale=ip_scale)
         eps = eps.astype(jnp.float32)
         eps_uncond, eps_cond = eps[:batch], eps[batch:]
         guided = eps_uncond + guidance * (eps_cond - eps_uncond)
@@ -250,7 +251,8 @@ def to_uint8(images) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Generator:
     """A compiled generation function for one model: `generator(frozen, trainable, inputs, noise,
-    state, merge_step, guidance) -> (uint8-ready float images, latents)`; compiled once per shape.
+    state, merge_step, guidance, ip_scale=1) -> (uint8-ready float images, latents)`; compiled once
+    per shape (the three scalars are traced).
 
     `out_sharding`: where the outputs go (replicated, so every process of a multi-host run can read
     the images); default: where XLA puts them."""
@@ -261,20 +263,23 @@ class Generator:
     def fn(self):
         model = self.model
 
-        def run(frozen, trainable, inputs, noise, state, merge_step, guidance):
+        def run(frozen, trainable, inputs, noise, state, merge_step, guidance, ip_scale):
             sets = embedding_sets(model, frozen, trainable, inputs)
-            latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance)
+            latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance, ip_scale=ip_scale)
             return decode(model, frozen, latents), latents
 
         return jax.jit(run, out_shardings=self.out_sharding)
 
-    def __call__(self, frozen, trainable, inputs, noise, state, merge_step, guidance):
-        return self.fn(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance))
+    def __call__(self, frozen, trainable, inputs, noise, state, merge_step, guidance, ip_scale=1.0):
+        return self.fn(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance),
+                       jnp.float32(ip_scale))
 
     def compile(self, frozen, trainable, inputs, noise, state):
         """The executable for these shapes (compiled now, so callers can time it apart); call it as
-        `compiled(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance))`."""
-        return self.fn.lower(frozen, trainable, inputs, noise, state, jnp.int32(0), jnp.float32(0)).compile()
+        `compiled(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance),
+        jnp.float32(ip_scale))`."""
+        return self.fn.lower(frozen, trainable, inputs, noise, state, jnp.int32(0), jnp.float32(0),
+                             jnp.float32(1)).compile()
 
 
 def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:

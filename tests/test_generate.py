@@ -10,28 +10,12 @@ import pytest
 from cid_jax import cli
 from cid_jax import generate as gen
 from cid_jax import sampling as pl
-from tests.helpers import abstract_trainable, export_trainable, inference_demo_config, random_params
-
-
-@pytest.fixture(scope="session")
-def demo_workdir(tmp_path_factory):
-    """A run directory as training leaves it: config.json and an exported safetensors of random
-    trainable params. (The preset's frozen weights come from the run's "frozen" stream.)"""
-    from cid_jax import build as build_lib
-
-    config = inference_demo_config()
-    workdir = tmp_path_factory.mktemp("demo_run")
-    (workdir / "config.json").write_text(config.to_json())
-    model = build_lib.build_modules(config)
-    trainable = random_params(abstract_trainable(model), seed=7)
-    export_trainable(trainable, config, workdir / "consistentid.safetensors")
-    return workdir, trainable
 
 
 @pytest.fixture(scope="session")
 def loaded(demo_workdir):
-    """The demo run directory through the CLI's loader."""
-    return gen.load(str(demo_workdir[0]))
+    """The demo run directory through the CLI's loader, LoRA kept apart (the trained tensors as they are)."""
+    return gen.load(str(demo_workdir[0]), fold_lora=False)
 
 
 @pytest.fixture(scope="session")

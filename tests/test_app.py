@@ -1,0 +1,144 @@
+"""The web demo, as a user reaches it: `python -m cid_jax.app` on the demo checkpoint, driven by a
+real headless Chromium (Debian's chromium + chromedriver through selenium) and by gradio_client.
+
+The browser test skips only when no chromium/chromedriver is installed (.ci/run installs them),
+and says so."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO
+
+gradio = pytest.importorskip("gradio", reason="the `app` extra (gradio) is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("app_photos")
+    Image.fromarray(skimage.data.astronaut()).save(root / "astronaut.png")
+    Image.fromarray(skimage.data.coffee()).save(root / "coffee.png")  # a cup: no face
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(demo_workdir, tmp_path_factory):
+    """The app on a free localhost port; yields its URL once it serves."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cid_jax.app", f"--checkpoint={demo_workdir[0]}", "--steps=2",
+                             f"--port={port}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if "serving on" in log_path.read_text():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"the app did not start in 10 minutes:\n{log_path.read_text()[-3000:]}")
+    yield url, log_path
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_start_up_logs_each_stage(server):
+    _, log_path = server
+    text = log_path.read_text()
+    for stage in ("loaded in", "compiling the sampler", "ready: compiled in", "serving on http://127.0.0.1:"):
+        assert stage in text, stage
+    assert "share" not in text.lower() or "gradio.live" not in text  # no public link
+
+
+def test_gradio_client_predict_returns_images(server, photos):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    gallery, seen, facial, took = client.predict(handle_file(str(photos / "astronaut.png")), "a portrait", "", 2,
+                                                 5.0, 0, 1.0, 7, 2, api_name="/generate")
+    assert len(gallery) == 2
+    first = Image.open(gallery[0]["image"])
+    assert first.size == (64, 64)
+    assert Image.open(seen).size == (512, 512)  # the photo with the face box and the region masks
+    assert facial.count("<|facial|>") == 5 and "2 image(s)" in took
+    with pytest.raises(Exception, match="no face found"):
+        client.predict(handle_file(str(photos / "coffee.png")), "a portrait", "", 2, 5.0, 0, 1.0, 7, 1,
+                       api_name="/generate")
+
+
+def _chromium():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return browser, driver
+
+
+def test_a_real_browser_generates_and_shows_the_no_face_error(server, photos, tmp_path):
+    browser, driver_path = _chromium()
+    if not (browser and driver_path):
+        pytest.skip("no chromium + chromedriver on this machine (apt-get install chromium chromium-driver); "
+                    "the browser test did not run")
+    pytest.importorskip("selenium", reason="selenium (the dev extra) is not installed")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 300)
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#photo input[type=file]")))
+        upload.send_keys(str(photos / "astronaut.png"))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#photo img")))
+        prompt = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
+        prompt.clear()
+        prompt.send_keys("a portrait of an astronaut")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#gallery img")))
+        wait.until(lambda d: "<|facial|>" in d.find_element(By.CSS_SELECTOR, "#facial_prompt textarea")
+                   .get_attribute("value"))
+        driver.save_screenshot(str(tmp_path / "generated.png"))
+        assert (tmp_path / "generated.png").stat().st_size > 10_000
+        # A photo without a face: the message in the page, no traceback.
+        driver.find_element(By.CSS_SELECTOR, "#photo button[aria-label='Remove Image']").click()
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#photo input[type=file]")))
+        upload.send_keys(str(photos / "coffee.png"))
+        time.sleep(1)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: "no face found" in d.page_source)
+        assert "Traceback" not in driver.page_source
+        driver.save_screenshot(str(tmp_path / "no_face.png"))
+    finally:
+        driver.quit()
