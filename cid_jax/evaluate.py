@@ -46,8 +46,6 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import numpy as np
-
 from cid_jax import cli
 
 log = logging.getLogger("cid_jax.evaluate")
@@ -163,9 +161,11 @@ def generate_all(args, references, prompts, words, out: pathlib.Path) -> tuple[l
 
     variant = gen.variant(args.checkpoint, args.base)
     analyzer = FaceAnalyzer(args.parser_weights, args.face_models)
+    t0 = time.perf_counter()
     loaded = gen.load(args.checkpoint, args.base, args.image_encoder, args.dtype)
+    log.info("loaded %s in %.1f s", args.checkpoint, time.perf_counter() - t0)
     defaults = pl.VARIANT_DEFAULTS[loaded.model.variant]
-    size = args.size or (64 if loaded.model.vae.config.sample_size <= 256 and not args.base else defaults.size)
+    size = args.size or gen.default_size(loaded, args.base)
     requests, records = [], []
     for name, path in references.items():
         photo = gen.read_image(str(path))
@@ -185,6 +185,8 @@ def generate_all(args, references, prompts, words, out: pathlib.Path) -> tuple[l
         loaded, requests, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance if args.guidance is not None else defaults.guidance, merge_step=args.merge_step,
         sampler=args.sampler, height=size, width=size, batch_size=args.batch_size, progress=True)
+    log.info("generated %d images: compiled in %.1f s, sampled in %.1f s (%.2f s/image)", timing.images,
+             timing.compile_s, timing.sample_s, timing.s_per_image)
     for record, image in zip(records, images):
         record.path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(record.path)
@@ -336,6 +338,9 @@ def parse_args(argv=None):
     p.add_argument("--inception", help="pytorch-fid Inception weights .pth (FID, KID)")
     p.add_argument("--parser_weights", help="BiSeNet weights for the FGIS regions (default: offline template)")
     p.add_argument("--name", default=None, help="the method's name in the report (default: the checkpoint's)")
+    from cid_jax import runtime
+
+    runtime.add_cache_flags(p)
     return p.parse_args(argv)
 
 
@@ -355,7 +360,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.setup_logging()
     args = parse_args(argv)
     check_args(args)
-    from cid_jax import metrics
+    from cid_jax import metrics, runtime
+
+    runtime.cache_from_args(args)
 
     out = pathlib.Path(args.out).expanduser()
     references = read_references(args.references)

@@ -120,8 +120,6 @@ def dino_encoder(model, params, image_size: int = 224, batch_size: int = 8) -> E
 def inception_features(model, params, batch_size: int = 8) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
     """uint8 images of any sizes -> Inception pool features [N, 2048] (float64): each image is
     brought to 299 px alone (pytorch-fid's resize), then the network runs in fixed-size batches."""
-    import jax.numpy as jnp
-
     from cid_jax.models import inception
 
     network = _batched(lambda x: inception.features_at_299(model, params, x), batch_size)
@@ -314,7 +312,7 @@ def _face_embedding(face_model, image) -> Optional[np.ndarray]:
         return None
 
 
-def _region_embeddings(models: MetricModels, image) -> dict:
+def region_embeddings(models: MetricModels, image) -> dict:
     from cid_jax.face.detect import NoFaceFoundError
 
     try:
@@ -334,7 +332,7 @@ def describe_reference(models: MetricModels, name: str, image: np.ndarray) -> Re
         ref.clip = models.clip_image.embed(models.clip_image.preprocess(image)[None])[0]
     if models.dino is not None:
         ref.dino = models.dino.embed(models.dino.preprocess(image)[None])[0]
-        ref.regions = _region_embeddings(models, image)
+        ref.regions = region_embeddings(models, image)
     if models.face is not None:
         ref.face = _face_embedding(models.face, image)
     return ref
@@ -358,7 +356,7 @@ def score_images(models: MetricModels, reference: Reference, images: Sequence[np
         emb = models.dino.embed(np.stack([models.dino.preprocess(im) for im in images]))
         for row, e, im in zip(rows, emb, images):
             row["dino"] = float(e @ reference.dino)
-            regions = _region_embeddings(models, im)
+            regions = region_embeddings(models, im)
             shared = sorted(set(regions) & set(reference.regions or {}))
             row["fgis"] = float(np.mean([regions[s] @ reference.regions[s] for s in shared])) if shared else 0.0
             row["fgis_regions"] = len(shared)

@@ -4,8 +4,10 @@ score them (FaceSim, CLIP-T, CLIP-I, DINO, FGIS as `cid_jax.evaluate` computes t
 over identities go to TensorBoard (`eval/...`) and metrics.jsonl; the images to
 `<workdir>/images/eval_<step>.png` (one row per reference: the photo, then its generations).
 
-References: a folder of photos (`eval.references`), or `eval.num_references` synthetic faces drawn
-with a seed the training set does not use (held out; their parsing maps and ID embeddings are exact).
+References (`eval.references`): a folder of photos; or "" = the first `eval.num_references`
+identities of the built dataset's `validation` split (`builder build --json validation=FILE`), with
+the parsing maps and ID embeddings stored in it; or, for a dataset without one (the synthetic
+demo), synthetic faces drawn with a seed no training set uses (held out; exact maps and embeddings).
 Metric models: local folders in their standard formats (`eval.clip_model`, `eval.dino_model`,
 `eval.face_models`), or `eval.random_metric_models` (tiny random nets: the demo runs the whole
 machinery; its numbers say nothing about identity). Without any, evaluation is off, said once.
@@ -68,6 +70,35 @@ def synthetic_references(config, size: int) -> list[EvalReference]:
     return out
 
 
+VALIDATION_SPLIT = "validation"
+
+
+def dataset_references(config) -> Optional[list[EvalReference]]:
+    """The first identities of the built dataset's validation split, or None if it has none."""
+    from cid_jax import sampling as pl
+    from cid_jax.data.pipeline import RecordSource
+
+    if not config.data.path:
+        return None
+    try:
+        source = RecordSource(config.data.path, VALIDATION_SPLIT)
+    except KeyError:
+        return None
+    out, seen = [], set()
+    for i in range(len(source)):
+        ex = source.features.deserialize_example_np(source.read(i))
+        identity = ex["identity"].decode()
+        if identity in seen:
+            continue
+        seen.add(identity)
+        image, parsing = ex["image"], ex["parsing"][..., 0]
+        embedding = ex["id_embedding"] if ex["has_id_embedding"] else None
+        out.append(EvalReference(identity, image, config.eval.class_word, pl.face_batch(image, parsing, embedding)))
+        if len(out) == config.eval.num_references:
+            break
+    return out or None
+
+
 def photo_references(config) -> list[EvalReference]:
     from cid_jax import evaluate
     from cid_jax import generate as gen
@@ -103,7 +134,8 @@ class TrainingEvaluator:
         e = config.eval
         self.metric_models = metric_models_of(config)
         self.size = int(config.data.resolution)
-        self.references = photo_references(config) if e.references else synthetic_references(config, self.size)
+        self.references = (photo_references(config) if e.references else
+                           dataset_references(config) or synthetic_references(config, self.size))
         self.requests = [(ref, gen.ImageRequest(ref.face, evaluate.fill(prompt, ref.class_word), seed))
                          for ref in self.references for prompt in e.prompts
                          for seed in range(e.seed, e.seed + e.seeds)]

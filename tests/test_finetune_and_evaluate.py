@@ -2,7 +2,6 @@
 paper's Table 3), on the demo architecture and tiny random metric models in their real formats."""
 import csv
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -10,8 +9,7 @@ import pytest
 
 from cid_jax import cli, export, run
 from cid_jax.weights import consistentid as cw
-from tests.helpers import (BIG, SMALL, StubDetector, abstract_trainable, random_params, train_config,
-                           write_metric_models)
+from tests.helpers import BIG, StubDetector, train_config, write_metric_models
 
 torch = pytest.importorskip("torch")
 
@@ -248,36 +246,56 @@ def test_fid_and_kid_agree_with_their_definitions():
     assert abs(metrics.kid(same[:100], same[100:])) < 0.1 * metrics.kid(a, b)
 
 
-def test_facesim_ranks_the_same_face_above_another(tmp_path):
-    """ArcFace through insightface's loader (the toy ONNX recognizer; detection stubbed, as no
-    SCRFD weights exist offline): the same photo re-encoded as JPEG scores above another person."""
-    import io
+def _stub_detector_for(image):
+    """SCRFD stood in for (its weights do not exist offline): the LBP cascade's face box, with the
+    five landmarks placed in it as they sit in the astronaut's box (BIG)."""
+    from cid_jax.face.detect import detect_largest_face
 
+    box = detect_largest_face(image)
+    big_box, big_kps = np.array(BIG[0][:4], float), np.array(BIG[1], float)
+    rel = (big_kps - big_box[:2]) / (big_box[2:] - big_box[:2])
+    new = np.array([box.x0, box.y0, box.x1, box.y1], float)
+    return StubDetector([[*new, 0.9]], [new[:2] + rel * (new[2:] - new[:2])])
+
+
+def test_facesim_ranks_the_same_face_above_another_person(tmp_path):
+    """ArcFace through insightface's loader (the toy ONNX recognizer): the same photo scores 1, the
+    same photo re-encoded as JPEG above another person (insightface's Tom Hanks sample); a generated
+    image without a face scores 0 and is counted."""
+    import io
+    import os
+
+    import insightface
+    import skimage.data
     from PIL import Image
 
     from cid_jax import metrics
     from cid_jax.face.arcface import ArcFaceEmbedder
     from tests.helpers import write_toy_arcface
 
-    import insightface
-
     write_toy_arcface(tmp_path / "w600k_r50.onnx", np.random.default_rng(0).standard_normal((588, 512)).astype(np.float32))
     recognizer = insightface.model_zoo.get_model(str(tmp_path / "w600k_r50.onnx"), providers=["CPUExecutionProvider"])
-    import skimage.data
+
+    def facesim(reference, image):
+        ref = metrics.describe_reference(
+            metrics.MetricModels(face=ArcFaceEmbedder.from_models(_stub_detector_for(reference), recognizer)),
+            "ref", reference)
+        models = metrics.MetricModels(face=ArcFaceEmbedder.from_models(_stub_detector_for(image), recognizer))
+        return metrics.score_images(models, ref, [image], [None])[0]["facesim"]
 
     astronaut = skimage.data.astronaut()
     buf = io.BytesIO()
     Image.fromarray(astronaut).save(buf, "JPEG", quality=70)
     again = np.asarray(Image.open(buf).convert("RGB"))
-    # "Another person": the second face of insightface's kind of photo: here the other box (SMALL).
-    models = metrics.MetricModels(face=ArcFaceEmbedder.from_models(StubDetector([BIG[0]], [BIG[1]]), recognizer))
-    ref = metrics.describe_reference(models, "astronaut", astronaut)
-    (same,) = metrics.score_images(models, ref, [again], [None])
-    models_other = metrics.MetricModels(face=ArcFaceEmbedder.from_models(StubDetector([SMALL[0]], [SMALL[1]]), recognizer))
-    (other,) = metrics.score_images(models_other, ref, [astronaut], [None])
-    assert same["facesim"] > 0.99 and other["facesim"] < same["facesim"] - 0.05
+    hanks_file = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "Tom_Hanks_54745.png")
+    hanks = np.asarray(Image.open(hanks_file).convert("RGB").resize((512, 512), Image.BICUBIC))
+    same, jpeg, other = facesim(astronaut, astronaut), facesim(astronaut, again), facesim(astronaut, hanks)
+    assert abs(same - 1.0) < 1e-5
+    assert other < jpeg - 0.05, (jpeg, other)
     empty = metrics.MetricModels(face=ArcFaceEmbedder.from_models(StubDetector(np.zeros((0, 5)), np.zeros((0, 5, 2))),
                                                                   recognizer))
+    ref = metrics.describe_reference(
+        metrics.MetricModels(face=ArcFaceEmbedder.from_models(_stub_detector_for(astronaut), recognizer)), "a", astronaut)
     (none,) = metrics.score_images(empty, ref, [astronaut], [None])
     assert none["facesim"] == 0.0 and none["no_face"]
 
@@ -335,3 +353,33 @@ def test_eval_config_problems_are_named_before_any_work(tmp_path):
     for fragment in ("--config.eval.references=", "--config.eval.sampler='heun'", "--config.eval.steps=0",
                      "--config.eval.prompts=()"):
         assert fragment in problems, fragment
+
+
+def test_training_evaluation_takes_references_from_the_validation_split(tmp_path):
+    """A dataset built with a `validation` split gives the evaluation its identities (distinct, with
+    their stored parsing maps); one without gives None (then the held-out synthetic faces)."""
+    from cid_jax import train_eval
+    from cid_jax.data import builder
+    from cid_jax.data.pipeline import RecordSource
+    from tests.helpers import small_train_config
+    from tests.test_data_builder import write_reference_fixture
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_reference_fixture(src)
+    report = builder.build_from_reference_json({"train": src / "data.json", "validation": src / "data.json"},
+                                               tmp_path / "built", progress=False)
+    config = small_train_config()
+    config.data.path = str(report.dataset_dir)
+    config.eval.num_references = 3
+    refs = train_eval.dataset_references(config)
+    source = RecordSource(report.dataset_dir, "validation")
+    records = [source.features.deserialize_example_np(source.read(i)) for i in range(len(source))]
+    identities = list(dict.fromkeys(r["identity"].decode() for r in records))
+    assert [r.name for r in refs] == identities[:3]
+    for ref in refs:
+        first = next(r for r in records if r["identity"].decode() == ref.name)
+        np.testing.assert_array_equal(ref.image, first["image"])
+    only_train = builder.build_from_reference_json(src / "data.json", tmp_path / "train_only", progress=False)
+    config.data.path = str(only_train.dataset_dir)
+    assert train_eval.dataset_references(config) is None
