@@ -324,10 +324,15 @@ def _unflat(flat: Mapping) -> dict:
     return tree
 
 
+# Random frozen weights up to this size are stored in the run directory (the demo's are ~10 MB).
+STORE_RANDOM_FROZEN_MAX_BYTES = 1 << 30
+
+
 def frozen_weights(model, config, run: Optional[RunDir] = None) -> dict:
     """The frozen weights of a run, in fp32 on the host: the base folders' (`model.base`), or for a
     preset run the random ones stored in the run directory (created from the run's "frozen"
-    stream and stored on first use, by process 0), so training and generation see the same ones."""
+    stream and stored on first use, by process 0, when under STORE_RANDOM_FROZEN_MAX_BYTES; larger
+    ones are drawn again), so training and generation see the same ones."""
     if config.model.base or run is None:
         return jax.device_get(build_lib.base_weights(model, config))
     if run.frozen_file.exists():
@@ -339,7 +344,14 @@ def frozen_weights(model, config, run: Optional[RunDir] = None) -> dict:
             raise ValueError(f"{run.frozen_file} does not fit the config's {config.model.preset} architecture")
         return stored
     frozen = jax.device_get(build_lib.base_weights(model, config))
-    if jax.process_index() == 0:
+    nbytes = sum(np.asarray(x).size * 4 for x in jax.tree.leaves(frozen))
+    if nbytes > STORE_RANDOM_FROZEN_MAX_BYTES:
+        # A full-size random architecture (benchmarks, AOT-sized tests): writing gigabytes would cost
+        # more than drawing them again, and the draw depends only on (seed, tree), so generation
+        # re-creates the same weights from the run's "frozen" stream.
+        logging.info("not storing the %s preset's random frozen weights (%.1f GiB): they are re-drawn from "
+                     "the run's seed when needed", config.model.preset, nbytes / 2**30)
+    elif jax.process_index() == 0:
         from cid_jax.weights.state_dict import write_safetensors_atomic
 
         write_safetensors_atomic({k: np.asarray(v, np.float32) for k, v in _flat(frozen).items()},

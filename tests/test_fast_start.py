@@ -83,3 +83,23 @@ def test_remat_modes_give_the_same_step(mode, no_remat_step):
     lr = config.optim.lr
     diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0))])
     assert diffs.max() <= 2 * lr and np.mean(diffs > 0.2 * lr) < 1e-4
+
+
+def test_large_random_frozen_weights_are_redrawn_not_stored(tmp_path, monkeypatch):
+    """A preset run stores its random frozen weights for generation; past the size limit (a full-size
+    architecture: gigabytes to write) it stores nothing, and drawing them again gives the same values."""
+    config = small_train_config()
+    model = build_lib.build_modules(config)
+    small = run_lib.RunDir.of(tmp_path / "small")
+    small.root.mkdir(parents=True)
+    stored = run_lib.frozen_weights(model, config, small)
+    assert small.frozen_file.exists()
+    monkeypatch.setattr(run_lib, "STORE_RANDOM_FROZEN_MAX_BYTES", 0)
+    large = run_lib.RunDir.of(tmp_path / "large")
+    large.root.mkdir(parents=True)
+    first = run_lib.frozen_weights(model, config, large)
+    assert not large.frozen_file.exists()
+    again = run_lib.frozen_weights(model, config, large)
+    for a, b, c in zip(jax.tree.leaves(stored), jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b, c)
