@@ -46,3 +46,17 @@ def test_auto_kernel_uses_xla_or_chunked_off_gpu(rng):
     np.testing.assert_array_equal(jax.jit(attention.dot_product_attention)(q, k, v), jax.jit(
         lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))(q, k, v))
     assert ref.dtype == jnp.bfloat16
+
+
+def test_cpu_block_shrinks_with_batch_and_heads_and_divides_the_queries(rng):
+    """The CPU kernel's query block keeps its logits block bounded as batch x heads grow (a fixed
+    block made batched generation slower per image), divides the query count, and stays exact."""
+    assert attention.cpu_chunk(2, 1024, 8, 1024) == 64
+    assert attention.cpu_chunk(8, 1024, 8, 1024) == 64
+    assert attention.cpu_chunk(8, 4096, 8, 4096) == 16
+    assert attention.cpu_chunk(2, 1040, 8, 1040) == 16  # 1040 = 16 x 65
+    assert attention.cpu_chunk(2, 1000, 8, 1000) == 0   # no power-of-two block divides it: XLA's kernel
+    for b in (2, 8):
+        q, k, v = (jnp.asarray(rng.standard_normal((b, 1024, 8, 8)), jnp.float32) for _ in range(3))
+        out = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, kernel="chunked"))(q, k, v)
+        np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=2e-6)
