@@ -1,4 +1,4 @@
-"""Which JAX platforms to probe, decided before JAX is imported (standard library only).
+"""Which JAX platforms to probe, decided before JAX starts a backend (standard library only).
 
 With libtpu installed (the `tpu` extra, which `cid_jax.aot` needs on any host) JAX probes for a TPU
 at start-up even on machines that have none, and libtpu prints half a screen of errors
@@ -10,6 +10,7 @@ JAX CUDA plugin is installed, else "cpu". Set JAX_PLATFORMS yourself to choose o
 import glob
 import importlib.util
 import os
+import sys
 
 
 def _has(module: str) -> bool:
@@ -27,4 +28,8 @@ def skip_absent_tpu() -> None:
     if "JAX_PLATFORMS" in os.environ or not _has("libtpu") or tpu_present():
         return
     cuda = glob.glob("/dev/nvidia[0-9]*") and any(_has(f"jax_cuda{v}_plugin") for v in (12, 13))
-    os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+    platforms = "cuda,cpu" if cuda else "cpu"
+    os.environ["JAX_PLATFORMS"] = platforms
+    jax = sys.modules.get("jax")
+    if jax is not None:  # imported before cid_jax, so it read the environment already; its backends
+        jax.config.update("jax_platforms", platforms)  # start on first use, which is still to come

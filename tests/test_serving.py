@@ -189,11 +189,12 @@ def test_no_tpu_probe_without_a_tpu(monkeypatch):
     assert "JAX_PLATFORMS" not in os.environ
 
 
-def test_a_fresh_process_prints_no_tpu_backend_noise():
+@pytest.mark.parametrize("imports", ["cid_jax, jax", "jax, cid_jax"])  # JAX imported first too
+def test_a_fresh_process_prints_no_tpu_backend_noise(imports):
     if not _has_libtpu():
         pytest.skip("libtpu is not installed: there is no TPU probe to silence")
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
-    proc = subprocess.run([sys.executable, "-c", "import cid_jax, jax; print(jax.devices()[0].platform)"],
+    proc = subprocess.run([sys.executable, "-c", f"import {imports}; print(jax.devices()[0].platform)"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "cpu"
     for noise in ("Unable to initialize backend 'tpu'", "TPU_WORKER_HOSTNAMES", "libtpu"):
