@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import cli, runtime
 from cid_jax.models import adapters, presets
 from cid_jax.models.attention import default_plan
 from cid_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
@@ -241,16 +241,22 @@ def flax_init_trainable(model: ConsistentID) -> Callable[[jax.Array], dict]:
 
 def abstract_frozen(model: ConsistentID, boxed: bool = True) -> dict:
     """The frozen tree's shapes (logically boxed for `sharding.param_shardings`), traced only."""
-    init = flax_init_frozen(model)
-    tree = jax.eval_shape(lambda: init(jax.random.key(0)))  # the key traced too: nothing compiles
-    return tree if boxed else nn.meta.unbox(tree)
+    def trace(boxed=boxed):
+        init = flax_init_frozen(model)
+        tree = jax.eval_shape(lambda: init(jax.random.key(0)))  # the key traced too: nothing compiles
+        return tree if boxed else nn.meta.unbox(tree)
+
+    return trace() if boxed else runtime.cached_shapes("frozen", runtime.describe(model), trace)
 
 
 def abstract_trainable(model: ConsistentID, boxed: bool = True) -> dict:
     """The trainable tree's shapes (adapters, FacialEncoder, ProjPlus), traced only."""
-    init = flax_init_trainable(model)
-    tree = jax.eval_shape(lambda: init(jax.random.key(0)))
-    return tree if boxed else nn.meta.unbox(tree)
+    def trace(boxed=boxed):
+        init = flax_init_trainable(model)
+        tree = jax.eval_shape(lambda: init(jax.random.key(0)))
+        return tree if boxed else nn.meta.unbox(tree)
+
+    return trace() if boxed else runtime.cached_shapes("trainable", runtime.describe(model), trace)
 
 
 # ------------------------------------------------------------------------------------ weights

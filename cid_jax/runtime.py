@@ -7,21 +7,32 @@ and a later process that compiles the same program for the same devices reads it
 `~/.cache/cid_jax/xla`. `--no_compilation_cache` (or `CID_JAX_COMPILATION_CACHE=off`) turns it off.
 The cache is safe to delete at any time; JAX keys entries by program, devices, flags and version.
 
+A cache hit still pays for tracing and lowering the program in Python, which for the sampler
+(UNet, VAE, CLIP traced through flax) costs seconds on every start. `compile_cached` therefore
+also keeps, beside the XLA cache, the traced program itself (`jax.export`'s serialized StableHLO),
+keyed by what defines it: the model's description, the argument tree and shapes, cid_jax's source,
+the JAX version and the device. A later process deserializes it and compiles it (an XLA cache
+hit) without tracing anything.
+
 `CompileStats` (a context manager) counts, through `jax.monitoring`, the programs compiled and
 those read from the cache, for the tools' "loaded in / compiled in / sampled in" lines.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import os
 import pathlib
-from typing import Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CID_JAX_COMPILATION_CACHE"
 _OFF = ("off", "0", "false", "no", "none")
+_cache_path: Optional[pathlib.Path] = None  # the folder enable_compilation_cache chose (None: off)
 
 
 def default_cache_dir() -> Optional[str]:
@@ -38,6 +49,8 @@ def enable_compilation_cache(cache_dir: Optional[str]) -> Optional[pathlib.Path]
     program is cached, however fast it compiled, so a repeated command compiles nothing."""
     import jax
 
+    global _cache_path
+    _cache_path = None
     if not cache_dir:
         jax.config.update("jax_enable_compilation_cache", False)  # also one JAX_COMPILATION_CACHE_DIR set
         log.info("persistent compilation cache off")
@@ -54,7 +67,159 @@ def enable_compilation_cache(cache_dir: Optional[str]) -> Optional[pathlib.Path]
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     log.info("persistent compilation cache: %s", path)
+    _cache_path = path
     return path
+
+
+# ---------------------------------------------------------------------- traced-program cache
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """A digest of cid_jax's own source: any change to the code retires every stored program."""
+    root = pathlib.Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _program_key(name: str, signature: str, treedef, leaves) -> str:
+    import jax
+
+    device = jax.devices()[0]
+    parts = [name, signature, str(treedef), jax.__version__, device.platform, device.device_kind,
+             _source_digest(), *(f"{x.shape}{x.dtype}" for x in leaves)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def compile_cached(name: str, fn: Callable, args: tuple, signature: str) -> Callable:
+    """`jax.jit(fn).lower(*args).compile()`, callable with arguments of the same tree and shapes;
+    with the persistent cache on, the traced program is stored/read too (see the module doc).
+
+    `signature` must describe everything `fn` closes over that shapes its program (the model's
+    configuration); arguments on one device only (a sharded caller compiles directly)."""
+    import jax
+
+    leaves, treedef = jax.tree.flatten(args)
+    if _cache_path is None or any(len(getattr(x, "devices", lambda: ())()) > 1 for x in leaves):
+        return jax.jit(fn).lower(*args).compile()
+    path = _cache_path / "exported" / f"{name}-{_program_key(name, signature, treedef, leaves)}.bin"
+    exported = None
+    if path.exists():
+        try:
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        except Exception as e:  # noqa: BLE001 (a damaged entry: trace again and replace it)
+            log.warning("stored program %s is unreadable (%s); tracing it again", path, e)
+    if exported is None:
+        def flat(*xs):
+            return fn(*jax.tree.unflatten(treedef, xs))
+        try:
+            exported = jax.export.export(jax.jit(flat))(*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves))
+        except Exception as e:  # noqa: BLE001 (e.g. a custom call export does not allow: compile directly)
+            log.debug("%s: not stored (%s: %s)", name, type(e).__name__, e)
+            return jax.jit(fn).lower(*args).compile()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(exported.serialize())
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("could not store the traced program in %s (%s)", path, e.strerror or e)
+    compiled = jax.jit(exported.call).lower(*leaves).compile()
+    return lambda *call_args: compiled(*jax.tree.leaves(call_args))
+
+
+def cached_shapes(name: str, signature: str, fn: Callable[[], Any]) -> Any:
+    """`fn()`, a tree (dicts, lists, tuples) of `jax.ShapeDtypeStruct` (a module's unboxed param
+    shapes, which flax can only give by tracing the module), kept beside the compilation cache as
+    JSON under a key of `signature` (the module's description) and cid_jax's source: a later process
+    reads it back instead of tracing."""
+    import jax
+
+    if _cache_path is None:
+        return fn()
+    key = hashlib.sha256("\n".join([name, signature, jax.__version__, _source_digest()]).encode()).hexdigest()[:32]
+    path = _cache_path / "shapes" / f"{name}-{key}.json"
+    if path.exists():
+        try:
+            return _decode_shapes(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("stored shapes %s are unreadable (%s); tracing again", path, e)
+    tree = fn()
+    try:
+        text = json.dumps(_encode_shapes(tree))
+    except TypeError:  # not a plain tree of shapes: nothing to keep
+        return tree
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not store shapes in %s (%s)", path, e.strerror or e)
+    return tree
+
+
+def _encode_shapes(tree: Any) -> Any:
+    import jax
+    import numpy as np
+
+    if isinstance(tree, dict):
+        return {"dict": {str(k): _encode_shapes(v) for k, v in tree.items()}}
+    if isinstance(tree, (list, tuple)):
+        return {type(tree).__name__: [_encode_shapes(v) for v in tree]}
+    if isinstance(tree, jax.ShapeDtypeStruct):
+        return {"shape": list(tree.shape), "dtype": np.dtype(tree.dtype).name}
+    raise TypeError(f"not a shape tree leaf: {type(tree).__name__}")
+
+
+def _decode_shapes(node: Any) -> Any:
+    import jax
+    import numpy as np
+
+    if "dict" in node:
+        return {k: _decode_shapes(v) for k, v in node["dict"].items()}
+    if "list" in node or "tuple" in node:
+        kind = list if "list" in node else tuple
+        return kind(_decode_shapes(v) for v in node.get("list", node.get("tuple")))
+    return jax.ShapeDtypeStruct(tuple(node["shape"]), np.dtype(node["dtype"]))
+
+
+def describe(obj: Any) -> str:
+    """A process-independent description of a module definition for `compile_cached`: its repr,
+    with the values a function field (a processor plan) closes over spelled out."""
+    import inspect
+
+    text = repr(obj)
+    for value in _fields(obj):
+        if inspect.isfunction(value):
+            cells = [_canonical(c.cell_contents) for c in (value.__closure__ or ())]
+            text += f"\n{value.__module__}.{value.__qualname__}{value.__defaults__}{cells}"
+    return text
+
+
+def _canonical(value: Any) -> str:
+    """repr with sets and dicts in sorted order (a set's order changes with the hash seed)."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(_canonical(v) for v in value)) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(sorted(f"{_canonical(k)}: {_canonical(v)}" for k, v in value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_canonical(v) for v in value) + "]"
+    return repr(value)
+
+
+def _fields(obj: Any, depth: int = 0):
+    """Every attribute value of a (nested) dataclass or flax module, a few levels deep."""
+    if depth > 3 or not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name, None)
+        yield value
+        for v in value if isinstance(value, tuple) else (value,):
+            yield from _fields(v, depth + 1)
 
 
 def add_cache_flags(parser) -> None:

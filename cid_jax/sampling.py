@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli, schedulers
+from cid_jax import cli, runtime, schedulers
 from cid_jax.data import masks as masks_lib
 from cid_jax.models.consistentid import ConsistentID
 from cid_jax.models.vae import AutoencoderKL
@@ -278,8 +278,10 @@ class Generator:
         """The executable for these shapes (compiled now, so callers can time it apart); call it as
         `compiled(frozen, trainable, inputs, noise, state, jnp.int32(merge_step), jnp.float32(guidance),
         jnp.float32(ip_scale))`."""
-        return self.fn.lower(frozen, trainable, inputs, noise, state, jnp.int32(0), jnp.float32(0),
-                             jnp.float32(1)).compile()
+        args = (frozen, trainable, inputs, noise, state, jnp.int32(0), jnp.float32(0), jnp.float32(1))
+        if self.out_sharding is not None:
+            return self.fn.lower(*args).compile()
+        return runtime.compile_cached("generate", self.fn, args, runtime.describe(self.model))
 
 
 def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:

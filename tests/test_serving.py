@@ -48,6 +48,16 @@ def test_a_second_process_compiles_nothing_with_the_cache(demo_workdir, astronau
     assert compiled == 0 and hits > 0, log[-2000:]
     np.testing.assert_array_equal(np.asarray(_png(tmp_path / "a.png")), np.asarray(_png(tmp_path / "b.png")))
     assert "loaded in" in log and "sampled 1 image(s) in" in log
+    # The traced sampler and the modules' param shapes were kept too (one entry each: the keys do not
+    # change between processes, so the second process traced nothing of the model).
+    assert len(list((cache / "exported").glob("generate-*.bin"))) == 1
+    assert {p.name.split("-")[0] for p in (cache / "shapes").glob("*.json")} >= {"frozen", "consistentid"}
+    # A damaged entry is traced again (and replaced), with a warning; the image does not change.
+    for stored in [*(cache / "exported").iterdir(), *(cache / "shapes").iterdir()]:
+        stored.write_bytes(b"\x00 damaged")
+    compiled, hits, log = _generate_process(demo_workdir[0], astronaut_file, tmp_path / "d.png", cache)
+    assert "unreadable" in log and hits > 0, log[-2000:]
+    np.testing.assert_array_equal(np.asarray(_png(tmp_path / "a.png")), np.asarray(_png(tmp_path / "d.png")))
     # Off: every program compiled afresh, nothing read.
     compiled, hits, _ = _generate_process(demo_workdir[0], astronaut_file, tmp_path / "c.png", cache,
                                           "--no_compilation_cache")

@@ -27,7 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import cli, runtime
 from cid_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                  CLIPVisionConfig, CLIPVisionModelWithProjection, abstract_params)
 from cid_jax.weights.state_dict import StateDict, load_into, read_sharded_folder
@@ -72,7 +72,8 @@ def text_state_dict_with_prefix(state_dict: StateDict) -> StateDict:
 
 
 def _load(model, state_dict: StateDict, *, what: str, ignore: tuple[str, ...], param_dtype) -> dict:
-    return load_into(abstract_params(model, boxed=False), state_dict, what=what,
+    abstract = runtime.cached_shapes("clip", runtime.describe(model), lambda: abstract_params(model, boxed=False))
+    return load_into(abstract, state_dict, what=what,
                      ignore=POSITION_ID_BUFFERS + ignore, dtype=np.dtype(param_dtype))
 
 

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from flax import traverse_util
 
-from cid_jax import cli
+from cid_jax import cli, runtime
 from cid_jax.models import presets
 from cid_jax.models.consistentid import TRAINABLE_GROUPS
 from cid_jax.models.sites import ProcessorSite, processor_sites, site_name_to_flax_path
@@ -216,7 +216,13 @@ def _unboxed_shapes(tree):
 
 
 def abstract_params(layout: CheckpointLayout, groups: Iterable[str] = OUR_GROUPS) -> dict:
-    """Shape/dtype trees (`jax.ShapeDtypeStruct`) of our groups, from `jax.eval_shape` of the modules."""
+    """Shape/dtype trees (`jax.ShapeDtypeStruct`) of our groups, from `jax.eval_shape` of the modules
+    (kept with the compilation cache: `runtime.cached_shapes`)."""
+    groups = sorted(set(groups))
+    return runtime.cached_shapes("consistentid", f"{layout!r}\n{groups}", lambda: _trace_params(layout, groups))
+
+
+def _trace_params(layout: CheckpointLayout, groups: Iterable[str]) -> dict:
     import jax
     import jax.numpy as jnp
 

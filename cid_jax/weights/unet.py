@@ -6,7 +6,7 @@ import pathlib
 
 import jax.numpy as jnp
 
-from cid_jax import cli
+from cid_jax import cli, runtime
 from cid_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_unet_params
 from cid_jax.weights.state_dict import load_into, read_sharded_folder
 
@@ -22,6 +22,7 @@ def load_unet(folder: os.PathLike, dtype=jnp.float32, **module_kwargs):
     config = UNetConfig.from_json(folder / "config.json")
     module = UNet2DConditionModel(config, dtype=dtype, **module_kwargs)
     state = read_sharded_folder(folder, "diffusion_pytorch_model")
-    params = load_into(abstract_unet_params(UNet2DConditionModel(config)), state,
-                       what=f"UNet {folder}")
+    plain = UNet2DConditionModel(config)
+    abstract = runtime.cached_shapes("unet", runtime.describe(plain), lambda: abstract_unet_params(plain))
+    params = load_into(abstract, state, what=f"UNet {folder}")
     return module, params

@@ -17,7 +17,7 @@ import pathlib
 
 import jax.numpy as jnp
 
-from cid_jax import cli
+from cid_jax import cli, runtime
 from cid_jax.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params
 from cid_jax.weights.flax_msgpack import load_msgpack_into
 from cid_jax.weights.state_dict import load_into, read_sharded_folder
@@ -56,7 +56,8 @@ def load_vae(folder: os.PathLike, dtype=jnp.float32, *, upcast_float16: bool = T
     if upcast_float16 and config.force_upcast and jnp.dtype(dtype) == jnp.float16:
         dtype = jnp.float32
     module = AutoencoderKL(config, dtype=dtype)
-    abstract = abstract_vae_params(AutoencoderKL(config))
+    plain = AutoencoderKL(config)
+    abstract = runtime.cached_shapes("vae", runtime.describe(plain), lambda: abstract_vae_params(plain))
     what = f"VAE {folder}"
     if _has_torch_weights(folder) or not (folder / _FLAX_FILE).exists():
         params = load_into(abstract, read_sharded_folder(folder, _TORCH_STEM), what=what)
