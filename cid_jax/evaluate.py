@@ -82,13 +82,11 @@ def read_prompts(spec: Optional[str]) -> Optional[list[str]]:
         return None
     if spec == "paper":
         return list(PAPER_PROMPTS)
-    path = pathlib.Path(spec).expanduser()
-    if not path.is_file():
+    from cid_jax import generate as gen
+
+    if not pathlib.Path(spec).expanduser().is_file():
         raise cli.MissingError(f"--prompts={spec}: not 'paper' and no such file")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise cli.InputError(f"--prompts={spec} holds no prompt (one per line)")
-    return prompts
+    return gen.read_prompts_file(spec, flag="--prompts")
 
 
 def read_references(folder: str) -> dict[str, pathlib.Path]:

@@ -406,13 +406,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return p.parse_args(argv)
 
 
-def read_prompts_file(path: str) -> list[str]:
+def read_prompts_file(path: str, flag: str = "--prompts_file") -> list[str]:
+    """The non-empty lines of a prompts file; `flag` names the option in the errors."""
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
-        raise cli.MissingError(f"--prompts_file={path} does not exist")
+        raise cli.MissingError(f"{flag}={path} does not exist")
     prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise cli.InputError(f"--prompts_file={path} holds no prompt (one per line)")
+        raise cli.InputError(f"{flag}={path} holds no prompt (one per line)")
     return prompts
 
 
