@@ -195,7 +195,7 @@ def sd15_estimate() -> dict:
     photo = skimage.data.astronaut()
     face = pl.face_batch(photo, template_parse(photo, 512), None)
     n = e.num_references * len(e.prompts) * e.seeds
-    text = pl.text_batch(e.prompts[0].replace("<class word>", "woman"), "", gen.tokenizer_for(config),
+    text = pl.text_batch(e.prompts[0].replace("<class word>", "woman"), "", build.tokenizer_for(config),
                          face.part_names, None, config.data.pairing, "sd15")
     inputs = pl.model_inputs([face] * n, [text] * n)
     noise = pl.initial_noise(list(range(n)), pl.latent_shape(model, 512, 512))

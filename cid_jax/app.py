@@ -128,7 +128,7 @@ class Demo:
             caption=self.args.caption, batch_size=num_images, programs=self.programs, generator=self.generator,
             ip_scale=float(ip_scale))
         text = pl.text_batch(prompt, negative_prompt, self.loaded.tokenizer, face.part_names, self.args.caption,
-                             self.loaded.metadata.get("pairing", "reference"), self.variant)
+                             self.loaded.metadata.get("pairing", "reference"), self.variant, self.loaded.tokenizer_2)
         took = (f"{len(images)} image(s) in {time.perf_counter() - t0:.1f} s ({timing.s_per_image:.2f} s/image"
                 + (f"; compiled this shape in {timing.compile_s:.1f} s" if timing.compile_s else "") + ")")
         return list(images), overlay(image, label_map, box), text.prompt_face, took

@@ -20,7 +20,6 @@ training and generation re-create the same tiny frozen weights without replaying
 from __future__ import annotations
 
 import json
-import pathlib
 import zlib
 from typing import Any, Callable, Iterable, Mapping
 
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli, runtime
+from cid_jax import cli, paths, runtime
 from cid_jax.models import adapters, presets
 from cid_jax.models.attention import default_plan
 from cid_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
@@ -96,12 +95,21 @@ def cast_floating(tree, dtype):
 # ------------------------------------------------------------------------------ architectures
 
 
-def _folders(config) -> dict[str, list[pathlib.Path]]:
+def weights_folder(value: str):
+    """A configured weights folder (`model.base`, `model.image_encoder`, a metric model) as a local
+    path: a remote one (gs://...) is copied into the local cache once (`cid_jax.paths.local_copy`),
+    since the formats' readers memory-map and seek local files. A folder that does not exist comes
+    back as it is, for the caller to report."""
+    folder = paths.path(value)
+    return paths.local_copy(value) if paths.is_remote(value) and folder.exists() else folder
+
+
+def _folders(config) -> dict[str, list]:
     """The config.json folders of each part under `model.base` / `model.image_encoder`."""
-    base = pathlib.Path(config.model.base).expanduser()
+    base = weights_folder(config.model.base)
     text = ["text_encoder"] + (["text_encoder_2"] if config.model.variant == "sdxl" else [])
     return {"unet": [base / "unet"], "vae": [base / "vae"], "text": [base / t for t in text],
-            "vision": [pathlib.Path(config.model.image_encoder).expanduser()] if config.model.image_encoder else []}
+            "vision": [weights_folder(config.model.image_encoder)] if config.model.image_encoder else []}
 
 
 def missing_weight_folders(config, parts: Iterable[str] = PARTS) -> list[str]:
@@ -166,6 +174,27 @@ def facial_encoder_sizes(config) -> dict:
     """The FacialEncoder Perceiver's dim/depth/heads: the reference's, overridden by
     `model.facial_encoder` (tiny models)."""
     return dict(presets.REFERENCE_FACIAL_ENCODER, **dict(config.model.get("facial_encoder") or {}))
+
+
+def tokenizer_for(config, which: str = "tokenizer"):
+    """A prompt tokenizer, with the trigger tokens added: `which="tokenizer"` (SD1.5's, SDXL's first)
+    or "tokenizer_2" (SDXL's second: pad "!"). The base folder's copy when there is one, else the
+    packaged CLIP vocabulary with that tokenizer's padding."""
+    from cid_jax.text import CLIPTokenizer, add_trigger_tokens
+
+    tok_dir = weights_folder(config.model.base) / which if config.model.base else None
+    if tok_dir is not None and tok_dir.is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = CLIPTokenizer.default(pad_token="!" if which == "tokenizer_2" else "<|endoftext|>")
+    add_trigger_tokens(tokenizer)
+    return tokenizer
+
+
+def tokenizers_for(config) -> tuple:
+    """(tokenizer, tokenizer_2 or None): what the model's text encoders read."""
+    sdxl = config.model.variant == "sdxl"
+    return tokenizer_for(config), tokenizer_for(config, "tokenizer_2") if sdxl else None
 
 
 def build_modules(config, *, fold_lora: bool = False) -> ConsistentID:

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import cli, paths
 
 log = logging.getLogger("cid_jax.generate")
 
@@ -52,6 +52,7 @@ log = logging.getLogger("cid_jax.generate")
 def base_config(base: Optional[str], image_encoder: Optional[str]):
     """A config for real weights: an SD1.5 or SDXL diffusers folder (SDXL: it has text_encoder_2/)
     + a CLIP-H folder."""
+    from cid_jax import build as build_lib
     from cid_jax.config_base import base_config as defaults
     from cid_jax.models import presets
 
@@ -60,14 +61,14 @@ def base_config(base: Optional[str], image_encoder: Optional[str]):
     if not base:
         raise cli.MissingError("--base (a diffusers Stable Diffusion 1.5 or SDXL folder) is needed for this "
                                "checkpoint")
-    base_path = pathlib.Path(base).expanduser()
+    base_path = build_lib.weights_folder(base)
     if not base_path.is_dir():
         raise cli.MissingError(f"base model folder {base_path} does not exist; expected a diffusers SD1.5 or SDXL "
                                "folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/)")
     if presets.is_sdxl_folder(base_path):  # the reference SDXL pipeline's settings
         config.model.variant = "sdxl"
         config.model.projplus_shortcut = True
-    enc = pathlib.Path(image_encoder).expanduser() if image_encoder else base_path / "image_encoder"
+    enc = build_lib.weights_folder(image_encoder) if image_encoder else base_path / "image_encoder"
     if not (enc / "config.json").exists():
         raise cli.MissingError(f"CLIP image encoder folder {enc} not found (config.json missing); pass "
                                "--image_encoder=<laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder>")
@@ -83,7 +84,7 @@ def variant(checkpoint: str, base: Optional[str]) -> str:
 
     if base:
         return "sdxl" if presets.is_sdxl_folder(base) else "sd15"
-    ckpt = pathlib.Path(checkpoint).expanduser()
+    ckpt = paths.path(checkpoint)
     if run_lib.RunDir.looks_like_run(ckpt):
         try:
             return run_lib.read_config(run_lib.RunDir.of(ckpt)).model.variant
@@ -135,21 +136,15 @@ class Loaded:
     metadata: dict
     tokenizer: object
     noise_config: dict
-
-
-def tokenizer_for(config):
-    from cid_jax.text import CLIPTokenizer, add_trigger_tokens
-
-    tok_dir = pathlib.Path(config.model.base or "", "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir) if config.model.base and tok_dir.is_dir() \
-        else CLIPTokenizer.default()
-    add_trigger_tokens(tokenizer)
-    return tokenizer
+    tokenizer_2: object = None  # SDXL's second tokenizer (pad "!"), for text encoder 2
 
 
 def noise_config_for(config) -> dict:
-    sched_file = pathlib.Path(config.model.base or "", "scheduler", "scheduler_config.json")
-    if config.model.base and sched_file.exists():
+    from cid_jax import build as build_lib
+
+    sched_file = build_lib.weights_folder(config.model.base) / "scheduler" / "scheduler_config.json" \
+        if config.model.base else None
+    if sched_file is not None and sched_file.exists():
         return json.loads(sched_file.read_text())
     return dict(config.noise, steps_offset=config.noise.get("steps_offset", 1))
 
@@ -163,11 +158,13 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
     from cid_jax import build as build_lib
     from cid_jax import run as run_lib
 
-    ckpt = pathlib.Path(checkpoint).expanduser()
+    ckpt = paths.path(checkpoint)
     if not ckpt.exists():
         raise cli.MissingError(f"checkpoint {ckpt} does not exist (a training run directory, an exported "
                                ".safetensors or a reference ConsistentID .bin)")
     run = run_lib.RunDir.of(ckpt) if run_lib.RunDir.looks_like_run(ckpt) else None
+    if run is None:
+        ckpt = paths.local_copy(checkpoint)  # a weights file: read (memory-mapped) locally
     if run is not None and base is None:
         config = run_lib.read_config(run)
     else:
@@ -189,7 +186,7 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
         if len(files) != 1:
             raise cli.MissingError(f"{run.root}: no checkpoints/ and no single exported *.safetensors/*.bin "
                                    f"(found {[p.name for p in files]})")
-        trainable, metadata = load_trainable_file(files[0], config)
+        trainable, metadata = load_trainable_file(paths.local_copy(files[0]), config)
         metadata.setdefault("pairing", config.data.get("pairing", "reference"))
     else:
         trainable, metadata = load_trainable_file(ckpt, config)
@@ -200,7 +197,8 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
     if fold_lora:
         frozen, trainable = build_lib.fold_lora_weights(frozen, trainable)
     frozen = build_lib.cast_floating(frozen, build_lib.compute_dtype(config))
-    return Loaded(model, frozen, trainable, metadata, tokenizer_for(config), noise_config_for(config))
+    tokenizer, tokenizer_2 = build_lib.tokenizers_for(config)
+    return Loaded(model, frozen, trainable, metadata, tokenizer, noise_config_for(config), tokenizer_2)
 
 
 # ------------------------------------------------------------------------------------- run
@@ -219,11 +217,11 @@ def read_image(path: str) -> np.ndarray:
     """An RGB uint8 photo; a missing, non-image or truncated file is a clear error."""
     from PIL import Image, UnidentifiedImageError
 
-    p = pathlib.Path(path).expanduser()
+    p = paths.path(path)
     if not p.is_file():
         raise cli.MissingError(f"image {p} does not exist")
     try:
-        with Image.open(p) as im:
+        with p.open("rb") as f, Image.open(f) as im:
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise cli.InputError(f"{p} is not a readable image ({e}); give a JPEG or PNG photo") from None
@@ -302,7 +300,7 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
         key = (r.prompt, tuple(r.face.part_names))
         if key not in texts:
             texts[key] = pl.text_batch(r.prompt, negative_prompt, loaded.tokenizer, r.face.part_names, caption,
-                                       pairing, loaded.model.variant)
+                                       pairing, loaded.model.variant, loaded.tokenizer_2)
             (log.info if progress else log.debug)("facial prompt: %s", texts[key].prompt_face)
         return texts[key]
 
@@ -408,7 +406,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def read_prompts_file(path: str, flag: str = "--prompts_file") -> list[str]:
     """The non-empty lines of a prompts file; `flag` names the option in the errors."""
-    p = pathlib.Path(path).expanduser()
+    p = paths.path(path)
     if not p.is_file():
         raise cli.MissingError(f"{flag}={path} does not exist")
     prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -520,21 +518,20 @@ def write_images(args, images: np.ndarray, requests: Sequence[ImageRequest], gui
     """One PNG per image with its prompt and seed in the metadata; several also get a grid at --out."""
     from PIL import Image
 
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = paths.path(args.out)
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
                   merge_step=args.merge_step, ip_scale=args.ip_scale, sampler=args.sampler,
                   checkpoint=str(args.checkpoint), image=str(args.image))
+    def save(image: np.ndarray, where, info: dict) -> None:  # local or remote (gs://...), whole or not at all
+        paths.write_atomic(where, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=png_info(info)))
+
     if len(images) == 1:
-        Image.fromarray(images[0]).save(out, pnginfo=png_info(dict(prompt=requests[0].prompt,
-                                                                    seed=requests[0].seed, **common)))
+        save(images[0], out, dict(prompt=requests[0].prompt, seed=requests[0].seed, **common))
         log.info("wrote %s", out)
         return
     for k, (im, r) in enumerate(zip(images, requests)):
-        Image.fromarray(im).save(out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}"),
-                                 pnginfo=png_info(dict(prompt=r.prompt, seed=r.seed, **common)))
-    Image.fromarray(grid(images)).save(out, pnginfo=png_info(dict(
-        prompt=[r.prompt for r in requests], seed=[r.seed for r in requests], **common)))
+        save(im, out.parent / f"{out.stem}_{k}{out.suffix or '.png'}", dict(prompt=r.prompt, seed=r.seed, **common))
+    save(grid(images), out, dict(prompt=[r.prompt for r in requests], seed=[r.seed for r in requests], **common))
     log.info("wrote %s (grid) and %s_0..%d%s", out, out.with_suffix(""), len(images) - 1, out.suffix or ".png")
 
 

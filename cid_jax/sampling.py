@@ -88,12 +88,24 @@ class TextBatch(NamedTuple):
     facial_token_idx_mask: np.ndarray  # bool [5]
     part_order: np.ndarray             # int32 [5]: the slot feeding each facial token, -1 = none
     prompt_face: str                   # the composed facial prompt (with markers), for the log
+    # SDXL only: the same three texts as SDXL's tokenizer_2 gives them, for text encoder 2.
+    input_ids_2: Optional[np.ndarray] = None
+    text_only_ids_2: Optional[np.ndarray] = None
+    negative_ids_2: Optional[np.ndarray] = None
+
+
+TOKEN_KEYS = ("input_ids", "text_only_ids", "negative_ids")
 
 
 def text_batch(prompt: str, negative_prompt: str, tokenizer, part_names: Sequence[str],
                caption: Optional[str] = None, pairing: str = "reference",
-               variant: str = "sd15") -> TextBatch:
+               variant: str = "sd15", tokenizer_2=None) -> TextBatch:
     """The reference's prompt composition and tokenization (spec §6 step 5, §8).
+
+    SDXL also takes `tokenizer_2` (SDXL's second tokenizer, pad "!": `build.tokenizers_for`):
+    encoder 2 reads each text as it tokenizes it, the facial prompt without its markers
+    (`fp.second_encoder_ids`, as the reference's SDXL training), the other two as diffusers'
+    `encode_prompt` does.
 
     `caption` defaults to the variant's (DEFAULT_CAPTION_SD15 / _SDXL). The text-only branch encodes
     the facial prompt without markers for SD1.5 and the bare `prompt` for SDXL, as the references do.
@@ -114,9 +126,17 @@ def text_batch(prompt: str, negative_prompt: str, tokenizer, part_names: Sequenc
     ordered = fp.pair_parts_to_words(kept, pairing, marked) if fp.FACIAL_TOKEN in prompt_face else []
     rows = tokenizer([prompt_text_only, negative_prompt or ""], max_length=77, padding="max_length",
                      truncation=True)
+    second = {}
+    if variant == "sdxl":
+        if tokenizer_2 is None:
+            raise ValueError("SDXL prompts need tokenizer_2 (build.tokenizers_for)")
+        rows_2 = tokenizer_2([prompt_text_only, negative_prompt or ""], max_length=77, padding="max_length",
+                             truncation=True)
+        second = dict(input_ids_2=fp.second_encoder_ids(tokenizer_2, prompt_face),
+                      text_only_ids_2=np.asarray(rows_2[0], np.int32), negative_ids_2=np.asarray(rows_2[1], np.int32))
     return TextBatch(tokens.input_ids, np.asarray(rows[0], np.int32), np.asarray(rows[1], np.int32),
                      tokens.facial_token_mask, tokens.facial_token_idx_mask,
-                     masks_lib.part_order(ordered), prompt_face)
+                     masks_lib.part_order(ordered), prompt_face, **second)
 
 
 def _warn_if_cut(tokenizer, prompt_face: str, kept_ids: np.ndarray) -> None:
@@ -134,10 +154,9 @@ def model_inputs(faces: Sequence[FaceBatch], texts: Sequence[TextBatch]) -> dict
     if len(faces) != len(texts):
         raise ValueError(f"{len(faces)} faces for {len(texts)} prompts")
     parts = [masks_lib.arrange_parts(f.part_clip_images, t.part_order) for f, t in zip(faces, texts)]
+    keys = TOKEN_KEYS + (tuple(k + "_2" for k in TOKEN_KEYS) if texts[0].input_ids_2 is not None else ())
     return {
-        "input_ids": np.stack([t.input_ids for t in texts]),
-        "text_only_ids": np.stack([t.text_only_ids for t in texts]),
-        "negative_ids": np.stack([t.negative_ids for t in texts]),
+        **{k: np.stack([getattr(t, k) for t in texts]) for k in keys},
         "facial_token_mask": np.stack([t.facial_token_mask for t in texts]),
         "facial_token_idx_mask": np.stack([t.facial_token_idx_mask for t in texts]),
         "clip_image": np.stack([f.clip_image for f in faces]),
@@ -149,7 +168,7 @@ def model_inputs(faces: Sequence[FaceBatch], texts: Sequence[TextBatch]) -> dict
 def check_token_ids(inputs: Mapping[str, np.ndarray], vocab_size: int) -> None:
     """The text encoder's table must hold every id (a tiny encoder with a small vocabulary would
     otherwise silently read out of range under jit)."""
-    for k in ("input_ids", "text_only_ids", "negative_ids"):
+    for k in (k for k in inputs if k.removesuffix("_2") in TOKEN_KEYS):
         top = int(np.max(inputs[k]))
         if top >= vocab_size:
             raise ValueError(f"{k} has token id {top} but the text encoder's vocab_size is {vocab_size}")
@@ -177,14 +196,21 @@ def embedding_sets(model: ConsistentID, frozen, trainable, inputs: Mapping[str, 
         if "time_ids" not in inputs:
             raise ValueError("SDXL generation needs inputs['time_ids'] (cid_jax.data.batch.sdxl_time_ids)")
         common["time_ids"] = inputs["time_ids"]
+    def ids(key):  # the batch's input_ids (and SDXL's input_ids_2) from one of the three texts
+        both = {"input_ids": inputs[key]}
+        if model.is_sdxl:
+            if key + "_2" not in inputs:
+                raise ValueError(f"SDXL generation needs inputs['{key}_2'] (text_batch with tokenizer_2)")
+            both["input_ids_2"] = inputs[key + "_2"]
+        return both
+
     real = dict(common, clip_image=inputs["clip_image"], part_clip_images=inputs["part_clip_images"],
                 id_embedding=inputs["id_embedding"])
-    augmented, augmented_added = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["input_ids"]))
-    text, text_added = model.conditioning(frozen, trainable, dict(real, input_ids=inputs["text_only_ids"]),
-                                          fuse=False)
+    augmented, augmented_added = model.conditioning(frozen, trainable, dict(real, **ids("input_ids")))
+    text, text_added = model.conditioning(frozen, trainable, dict(real, **ids("text_only_ids")), fuse=False)
     # Unconditional: a zero *normalised* CLIP tensor (not a black image), a zero ID embedding, zero
     # part tensors, and the positive prompt's facial positions on the negative prompt (spec §9.6).
-    null_inputs = dict(common, input_ids=inputs["negative_ids"],
+    null_inputs = dict(common, **ids("negative_ids"),
                        clip_image=jnp.zeros_like(inputs["clip_image"]),
                        part_clip_images=jnp.zeros_like(inputs["part_clip_images"]),
                        id_embedding=jnp.zeros_like(inputs["id_embedding"]))

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import time
 from typing import Optional
 
 import jax
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import cli, paths
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,7 @@ class TrainingEvaluator:
     def __init__(self, config, model, run, mesh=None):
         from jax.sharding import NamedSharding, PartitionSpec
 
+        from cid_jax import build as build_lib
         from cid_jax import evaluate
         from cid_jax import generate as gen
         from cid_jax import sampling as pl
@@ -139,7 +139,7 @@ class TrainingEvaluator:
         self.requests = [(ref, gen.ImageRequest(ref.face, evaluate.fill(prompt, ref.class_word), seed))
                          for ref in self.references for prompt in e.prompts
                          for seed in range(e.seed, e.seed + e.seeds)]
-        self.tokenizer = gen.tokenizer_for(config)
+        self.tokenizers = build_lib.tokenizers_for(config)
         self.noise_config = gen.noise_config_for(config)
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self.generator = pl.Generator(model, out_sharding=replicated)
@@ -154,8 +154,8 @@ class TrainingEvaluator:
         from cid_jax import metrics
 
         e = self.config.eval
-        loaded = gen.Loaded(self.model, frozen, trainable, {"pairing": self.config.data.pairing}, self.tokenizer,
-                            self.noise_config)
+        loaded = gen.Loaded(self.model, frozen, trainable, {"pairing": self.config.data.pairing}, self.tokenizers[0],
+                            self.noise_config, self.tokenizers[1])
         t0 = time.perf_counter()
         images, timing = gen.generate_requests(
             loaded, [r for _, r in self.requests], negative_prompt=e.negative_prompt, steps=e.steps,
@@ -178,7 +178,7 @@ class TrainingEvaluator:
                  ", ".join(f"{k}={v:.4f}" for k, v in summary.items() if k != "seconds"))
         return summary
 
-    def write_grid(self, step: int, images: np.ndarray) -> pathlib.Path:
+    def write_grid(self, step: int, images: np.ndarray):
         from PIL import Image
 
         per_ref = len(images) // max(1, len(self.references))
@@ -190,8 +190,7 @@ class TrainingEvaluator:
             for col in range(per_ref):
                 sheet.paste(Image.fromarray(images[row * per_ref + col]), ((col + 1) * s, row * s))
         path = self.run.images / f"eval_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(path)
+        paths.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
         return path
 
 

@@ -16,8 +16,8 @@ processors) and loaded with strict `load_state_dict`.
 SDXL (`--base` holds text_encoder_2/): both encoders' penultimate states form the 2048-wide
 context, encoder 2's projected pooled output and the time ids (H, W, 0, 0, H, W) go to the UNet's
 `added_cond_kwargs`, switched at the merge step with the context; ProjPlus uses its shortcut;
-encoder 2 reads the same ids re-padded with its pad id 0 after the first EOS (what SDXL's
-tokenizer_2 produces for the same text: one BPE vocabulary, '!' as padding).
+encoder 2 reads each text as SDXL's tokenizer_2 gives it (the host inputs' `*_ids_2`: "!" as padding
+and as its own token).
 """
 from __future__ import annotations
 
@@ -241,17 +241,6 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     return groups, meta
 
 
-SDXL_PAD_ID_2 = 0  # SDXL's tokenizer_2 pads with '!'
-
-
-def ids_for_tokenizer_2(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Token ids of tokenizer 1 -> those SDXL's tokenizer_2 gives: every position after the first EOS
-    holds the pad id 0 instead of EOS."""
-    is_eos = ids == eos_id
-    after_first_eos = (is_eos.cumsum(1) > 0) & ~(is_eos & (is_eos.cumsum(1) == 1))
-    return torch.where(after_first_eos, torch.full_like(ids, SDXL_PAD_ID_2), ids)
-
-
 class ConsistentIDTorch:
     def __init__(self, checkpoint, base, image_encoder, device="cpu", dtype=torch.float32, sampler="euler",
                  facial_encoder_heads=None):
@@ -295,13 +284,14 @@ class ConsistentIDTorch:
         h = self.vision(pixel_values=x, output_hidden_states=True).hidden_states[-2]
         return h.reshape(*lead, *h.shape[1:])
 
-    def _encode(self, ids):
-        """Token ids -> (prompt embeddings, pooled embedding or None): SD1.5 the last hidden state;
-        SDXL both encoders' penultimate states concatenated, and encoder 2's projected pooled output."""
+    def _encode(self, ids, ids_2=None):
+        """Token ids (SDXL: also tokenizer_2's) -> (prompt embeddings, pooled embedding or None): SD1.5
+        the last hidden state; SDXL both encoders' penultimate states concatenated, and encoder 2's
+        projected pooled output."""
         if not self.sdxl:
             return self.text(ids)[0], None
         h1 = self.text(ids, output_hidden_states=True).hidden_states[-2]
-        out2 = self.text2(ids_for_tokenizer_2(ids, self.text2.config.eos_token_id), output_hidden_states=True)
+        out2 = self.text2(ids_2, output_hidden_states=True)
         return torch.cat([h1, out2.hidden_states[-2]], -1), out2.text_embeds
 
     @torch.no_grad()
@@ -309,16 +299,18 @@ class ConsistentIDTorch:
         """Host inputs (cid_jax.sampling.model_inputs; SDXL also `time_ids`) + initial noise ->
         images [B,H,W,3] in [0,1]."""
         ids = lambda k: self._t(inputs[k], torch.long)  # noqa: E731
+        # SDXL's encoder 2 reads each text as tokenizer_2 gives it (inputs "<key>_2").
+        texts = lambda k: (ids(k), ids(k + "_2") if self.sdxl else None)  # noqa: E731
         tok_mask, valid = ids("facial_token_mask").bool(), ids("facial_token_idx_mask").bool()
         emb = self._t(inputs["id_embedding"])
         proj = lambda e, clip: self.proj(e, clip, shortcut=self.sdxl)  # noqa: E731  (SDXL: shortcut, scale 1)
         id_tokens = proj(emb, self._clip(inputs["clip_image"]))
         null_tokens = proj(torch.zeros_like(emb), self._clip(np.zeros_like(inputs["clip_image"])))
-        facial_text, facial_pooled = self._encode(ids("input_ids"))
+        facial_text, facial_pooled = self._encode(*texts("input_ids"))
         facial = self.fe(facial_text, self._clip(inputs["part_clip_images"]), tok_mask, valid)
-        negative, null_pooled = self._encode(ids("negative_ids"))
+        negative, null_pooled = self._encode(*texts("negative_ids"))
         null_facial = self.fe(negative, self._clip(np.zeros_like(inputs["part_clip_images"])), tok_mask, valid)
-        text_only, text_pooled = self._encode(ids("text_only_ids"))
+        text_only, text_pooled = self._encode(*texts("text_only_ids"))
         null = torch.cat([null_facial, null_tokens], 1)
         augmented = torch.cat([facial, id_tokens], 1)
         text = torch.cat([text_only, id_tokens], 1)
@@ -384,12 +376,12 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    from cid_jax import build as build_lib
     from cid_jax import cli
     from cid_jax import generate as gen
     from cid_jax import sampling as pl
     from cid_jax.data.batch import sdxl_time_ids
     from cid_jax.models.presets import is_sdxl_folder
-    from cid_jax.text import CLIPTokenizer, add_trigger_tokens
 
     cli.setup_logging()
     args = parse_args(argv)
@@ -407,11 +399,9 @@ def _main(argv) -> int:
     face = pl.face_batch(image, labels, embedding)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     model = ConsistentIDTorch(args.checkpoint, base, enc, args.device, dtype, args.sampler, args.facial_encoder_heads)
-    tok_dir = base / "tokenizer"
-    tok = CLIPTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.default()
-    add_trigger_tokens(tok)
+    tok, tok_2 = build_lib.tokenizers_for(gen.base_config(str(base), str(enc)))  # the base's tokenizer folders
     text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, None,
-                         model.metadata.get("pairing", "reference"), variant)
+                         model.metadata.get("pairing", "reference"), variant, tok_2)
     print(f"facial prompt: {text.prompt_face}", file=sys.stderr)
     inputs = pl.model_inputs([face], [text])
     height, width = args.height or defaults.size, args.width or defaults.size

@@ -249,7 +249,8 @@ def write_metric_models(root: pathlib.Path) -> dict:
     torch.manual_seed(0)
     clip = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=49407),
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=1),  # openai/clip-vit-large-patch14's ids: eos 2 is stale
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=224, patch_size=32), projection_dim=16))
     perturb_torch(clip, 1).save_pretrained(root / "clip")

@@ -280,3 +280,29 @@ def test_text_inputs_on_the_reference_caption(tokenizer):
     # no "ears" in the caption: the ear part is not kept
     no_ears = sample.text_inputs(tokenizer, llva, caption.replace(" two ears,", ""), slots, drop=False)
     np.testing.assert_array_equal(no_ears.part_order, [0, 1, 3, 4, -1])
+
+
+def test_sdxl_batches_carry_tokenizer_2_ids(dataset_dir, sample_of, tokenizer, tmp_path):
+    """SDXL: encoder 2's ids are the training text as the reference's SDXL training tokenizes it,
+    `tokenizer_2(text.replace("<|facial|>", ""))`, with transformers' tokenizer built from an SDXL-style
+    tokenizer_2 folder (pad "!") as the judge; every other key is as for SD1.5."""
+    from cid_jax.text import FACIAL_TOKEN
+    from tests.helpers import write_hf_tokenizer
+
+    hf_2 = transformers.CLIPTokenizer.from_pretrained(str(write_hf_tokenizer(tmp_path / "tokenizer_2", "!")))
+    sdxl = run(dataset_dir, tokenizer, 2, drop_prob=0.3, sdxl=True)
+    sd15 = run(dataset_dir, tokenizer, 2, drop_prob=0.3)
+    n_drop = n_padded = 0
+    for row, plain in zip(rows(sdxl), rows(sd15)):
+        for k, v in plain.items():
+            np.testing.assert_array_equal(row[k], v)
+        face = synthetic.render_sample(SEED, sample_of[row["index"]], SIZE, 4, 0.2)
+        text = sample.text_inputs(tokenizer, face.vqa_llva, face.vqa_llva_more_face_detail, face.slot_labels,
+                                  bool(row["drop"]), "by_name").text
+        n_drop += bool(row["drop"])
+        want = hf_2(text.replace(FACIAL_TOKEN, ""), padding="max_length", max_length=77, truncation=True).input_ids
+        np.testing.assert_array_equal(row["input_ids_2"], want)
+        assert EOS in row["input_ids_2"]  # kept by tokenizer_2's truncation, unlike encoder 1's facial ids
+        n_padded += row["input_ids_2"][-1] == 0
+    assert n_drop and n_padded >= n_drop  # dropped captions at least: "!"-padded rows were seen
+    np.testing.assert_array_equal(sdxl[0]["time_ids"][0], [SIZE, SIZE, 0, 0, SIZE, SIZE])

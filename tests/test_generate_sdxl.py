@@ -29,7 +29,6 @@ def sdxl_run(tmp_path_factory):
 
     from cid_jax import build as build_lib
     from cid_jax import run
-    from cid_jax.text import CLIPTokenizer, add_trigger_tokens
 
     root = tmp_path_factory.mktemp("sdxl")
     torch.manual_seed(0)
@@ -54,9 +53,8 @@ def sdxl_run(tmp_path_factory):
     trainable = random_params(abstract_trainable(model), seed=3)
     (ckpt,) = export.export_run(config, trainable, run.RunDir(root), step=0, out=root / "consistentid.safetensors")
     loaded_trainable, _ = gen.load_trainable_file(ckpt, config)  # image_proj_model, SDXL layout
-    tok = CLIPTokenizer.default()
-    add_trigger_tokens(tok)
-    loaded = gen.Loaded(model, frozen, loaded_trainable, {"pairing": "reference"}, tok, dict(config.noise))
+    tok, tok_2 = build_lib.tokenizers_for(config)  # no tokenizer folders: the packaged vocabulary, pads <|endoftext|> / "!"
+    loaded = gen.Loaded(model, frozen, loaded_trainable, {"pairing": "reference"}, tok, dict(config.noise), tok_2)
     return root, ckpt, loaded
 
 
@@ -76,7 +74,8 @@ def test_sdxl_text_batch_encodes_the_bare_prompt_for_the_text_only_branch(sdxl_r
     assert gen.variant("unused", str(root / "base")) == "sdxl" and gen.variant(str(root), None) == "sd15"
     photo, labels, emb = _face()
     face = pl.face_batch(photo, labels, emb)
-    t = pl.text_batch("a woman on the moon", "", loaded.tokenizer, face.part_names, variant="sdxl")
+    t = pl.text_batch("a woman on the moon", "", loaded.tokenizer, face.part_names, variant="sdxl",
+                      tokenizer_2=loaded.tokenizer_2)
     assert "; Detail:" in t.prompt_face and "a mouth" in t.prompt_face  # the SDXL caption
     want = np.asarray(loaded.tokenizer(["a woman on the moon"], max_length=77, padding="max_length",
                                        truncation=True)[0], np.int32)
@@ -94,7 +93,8 @@ def test_sdxl_generation_matches_pytorch(sdxl_run, merge):
 
     # The PyTorch side gets the same host inputs (what run_pytorch.py's main builds).
     face = pl.face_batch(photo, labels, emb)
-    text = pl.text_batch(prompt, negative, loaded.tokenizer, face.part_names, None, "reference", "sdxl")
+    text = pl.text_batch(prompt, negative, loaded.tokenizer, face.part_names, None, "reference", "sdxl",
+                         loaded.tokenizer_2)
     inputs = pl.model_inputs([face] * 2, [text] * 2)
     inputs["time_ids"] = sdxl_time_ids(2, 64, 64)
     noise = pl.initial_noise(seeds, pl.latent_shape(loaded.model, 64, 64))
@@ -117,7 +117,8 @@ def test_sdxl_pooled_embedding_switches_at_the_merge_step(sdxl_run):
     _, _, loaded = sdxl_run
     photo, labels, emb = _face()
     face = pl.face_batch(photo, labels, emb)
-    text = pl.text_batch("a woman on the moon", "blurry", loaded.tokenizer, face.part_names, variant="sdxl")
+    text = pl.text_batch("a woman on the moon", "blurry", loaded.tokenizer, face.part_names, variant="sdxl",
+                         tokenizer_2=loaded.tokenizer_2)
     inputs = pl.model_inputs([face], [text])
     with pytest.raises(ValueError, match="time_ids"):
         pl.embedding_sets(loaded.model, loaded.frozen, loaded.trainable, inputs)
@@ -143,3 +144,76 @@ def test_run_pytorch_cli_on_sdxl(sdxl_run, tmp_path):
                     "--height=64", "--width=64", "--device=cpu",
                     f"--facial-encoder-heads={loaded.model.facial_encoder.heads}", f"--out={out}"]) == 0
     assert np.asarray(Image.open(out)).shape == (64, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def diffusers_sdxl(sdxl_run, tmp_path_factory):
+    """diffusers' own StableDiffusionXLPipeline over the same tiny base, with SDXL's two real-style
+    tokenizers (tokenizer/: pad <|endoftext|>; tokenizer_2/: pad "!"), and the ids text_encoder_2 was
+    called with, recorded by a forward hook: diffusers, not our runner, is the judge of what encoder 2 reads."""
+    from tests.helpers import write_hf_tokenizer
+
+    root, _, _ = sdxl_run
+    tok_root = tmp_path_factory.mktemp("sdxl_tokenizers")
+    base = root / "base"
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=diffusers.AutoencoderKL.from_pretrained(base / "vae"),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(base / "text_encoder"),
+        text_encoder_2=transformers.CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(write_hf_tokenizer(tok_root / "tokenizer")),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(write_hf_tokenizer(tok_root / "tokenizer_2", "!")),
+        unet=diffusers.UNet2DConditionModel.from_pretrained(base / "unet"),
+        scheduler=diffusers.EulerDiscreteScheduler())
+    assert pipe.text_encoder_2.config.eos_token_id == 2  # the published config's stale value, as in SDXL
+    seen = []
+    pipe.text_encoder_2.register_forward_pre_hook(lambda m, args: seen.append(args[0].numpy().copy()))
+    return pipe, seen
+
+
+@pytest.mark.parametrize("prompt,negative", [("a woman on the moon", "blurry, low quality"),
+                                             ("a woman on the moon! wow!!", "! blurry !")])
+def test_encoder_2_reads_what_diffusers_sdxl_encode_prompt_feeds_it(sdxl_run, diffusers_sdxl, prompt, negative):
+    """The text-only and negative branches: our encoder-2 ids, embeddings and pooled embeddings equal
+    diffusers' `encode_prompt` (ids exactly; states to fp32 rounding)."""
+    _, _, loaded = sdxl_run
+    pipe, seen = diffusers_sdxl
+    seen.clear()
+    with torch.no_grad():
+        embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative)
+    want_ids = np.concatenate(seen)  # [prompt, negative]
+    assert want_ids.shape == (2, 77) and (want_ids[:, -1] == 0).all()  # "!"-padded
+    photo, labels, emb = _face()
+    t = pl.text_batch(prompt, negative, loaded.tokenizer, pl.face_batch(photo, labels, emb).part_names,
+                      variant="sdxl", tokenizer_2=loaded.tokenizer_2)
+    ids_2 = np.stack([t.text_only_ids_2, t.negative_ids_2])
+    np.testing.assert_array_equal(ids_2, want_ids)
+
+    ours, ours_pooled = jax.jit(loaded.model.encode_text)(loaded.frozen, np.stack([t.text_only_ids, t.negative_ids]),
+                                                          ids_2)
+    theirs = torch.cat([embeds, neg_embeds]).numpy()
+    theirs_pooled = torch.cat([pooled, neg_pooled]).numpy()
+    # Two 2-layer encoders of width 32 in fp32: errors of a few ulps of the activations' scale.
+    for a, b in ((ours, theirs), (ours_pooled, theirs_pooled)):
+        a = np.asarray(a)
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max()), np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("prompt", ["a woman on the moon", "a woman on the moon!", "!!!"])
+def test_encoder_2_reads_the_facial_prompt_as_the_reference_trained(sdxl_run, diffusers_sdxl, prompt):
+    """The facial branch: the reference's SDXL training tokenizes it for encoder 2 as
+    `tokenizer_2(text.replace("<|facial|>", ""))` (aligned with encoder 1, spec §9): our ids equal
+    that, from diffusers' pipeline's real tokenizer_2."""
+    from cid_jax.text import FACIAL_TOKEN
+
+    _, _, loaded = sdxl_run
+    pipe, _ = diffusers_sdxl
+    photo, labels, emb = _face()
+    t = pl.text_batch(prompt, "", loaded.tokenizer, pl.face_batch(photo, labels, emb).part_names, variant="sdxl",
+                      tokenizer_2=loaded.tokenizer_2)
+    assert FACIAL_TOKEN in t.prompt_face
+    want = pipe.tokenizer_2(t.prompt_face.replace(FACIAL_TOKEN, ""), padding="max_length", max_length=77,
+                            truncation=True).input_ids
+    assert want[-1] == 0
+    np.testing.assert_array_equal(t.input_ids_2, want)

@@ -14,6 +14,7 @@ One global batch (B samples, R = `data.resolution`, M = `data.mask_resolution`, 
     id_embedding           float32 [B, 512]
     use_foreground_loss    bool    [B]
     time_ids               float32 [B, 6]              SDXL only: (R, R, 0, 0, R, R), the reference's crop (0, 0)
+    input_ids_2            int32   [B, 77]             SDXL only: the text as tokenizer_2 gives it ("!" padding)
 
 `pipeline.py` produces these keys (plus a few for debugging, which `train_batches` drops); the
 trainer and `cid_jax.aot` shape the jitted step from `batch_spec`.
@@ -44,6 +45,7 @@ def batch_spec(batch: int, resolution: int, mask_resolution: int, variant: str =
         use_foreground_loss=((batch,), bool))
     if variant == "sdxl":
         spec["time_ids"] = ((batch, 6), f32)
+        spec["input_ids_2"] = ((batch, TEXT_LENGTH), i32)
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
 

@@ -51,11 +51,12 @@ import tensorflow as tf
 from etils import epath
 import tensorflow_datasets as tfds
 
-from cid_jax import cli
+from cid_jax import cli, paths
 from cid_jax.data import batch as batch_lib
 from cid_jax.data import clip_preprocess as clip_lib
 from cid_jax.data import masks as masks_lib
 from cid_jax.data import sample as sample_lib
+from cid_jax.text import facial_prompts
 
 MAX_PARTS = masks_lib.MAX_PARTS
 # The image is decoded by `decode_image` (accurate JPEG IDCT), not by tfds.
@@ -78,7 +79,7 @@ class PipelineConfig:
     split: str = "train"
     num_parallel_calls: int = tf.data.AUTOTUNE
     prefetch: int = 2                      # batches
-    sdxl_time_ids: bool = False            # add SDXL's `time_ids` (R, R, 0, 0, R, R)
+    sdxl: bool = False                     # add SDXL's `time_ids` (R, R, 0, 0, R, R) and encoder 2's `input_ids_2`
 
     @classmethod
     def from_config(cls, config) -> "PipelineConfig":
@@ -89,16 +90,35 @@ class PipelineConfig:
                    pairing=d.pairing, drop_prob=float(d.drop_prob),
                    foreground_loss_prob=float(d.foreground_loss_prob), max_text_length=int(d.max_text_length),
                    num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
-                   sdxl_time_ids=config.model.variant == "sdxl")
+                   sdxl=config.model.variant == "sdxl")
 
 
 # ------------------------------------------------------------------------------- record access
 
 
+def _open_for_scan(path: str):
+    """A file opened for one sequential pass: local, or remote through fsspec with large read-ahead
+    blocks (the project's file layer, `cid_jax.paths`; TF's own GCS client ignores emulators)."""
+    if not paths.is_remote(path):
+        return open(path, "rb")
+    import fsspec
+
+    fs, name = fsspec.core.url_to_fs(path)
+    return fs.open(name, "rb", block_size=8 << 20, cache_type="readahead")
+
+
+def _read_range(path: str, start: int, length: int) -> bytes:
+    """`length` bytes of a remote file from `start`: one ranged GET, no handle or read-ahead kept."""
+    import fsspec
+
+    fs, name = fsspec.core.url_to_fs(path)
+    return fs.cat_file(name, start=start, end=start + length)
+
+
 def _scan_tfrecord(path: str) -> np.ndarray:
     """[(data_offset, length)] of each record of a TFRecord file, from the record headers."""
     out = []
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with _open_for_scan(path) as f:
         pos = 0
         while True:
             header = f.read(12)  # uint64 length, uint32 masked CRC of the length
@@ -163,7 +183,7 @@ class RecordSource:
             with tmp.open("wb") as f:
                 np.savez(f, table=table, files=np.asarray(names), sizes=np.asarray(sizes, np.int64))
             tmp.replace(path)
-        except OSError:  # read-only dataset folder: keep the table in memory only
+        except Exception:  # noqa: BLE001 - a read-only folder or bucket: keep the table in memory only
             pass
         return table
 
@@ -171,12 +191,14 @@ class RecordSource:
         """The serialized tf.train.Example of record `index` (thread-safe: one handle per thread)."""
         i = int(index)
         fid = int(self.file_ids[i])
+        if paths.is_remote(self.files[fid]):
+            return _read_range(self.files[fid], int(self.offsets[i]), int(self.lengths[i]))
         handles = getattr(self._local, "handles", None)
         if handles is None:
             handles = self._local.handles = {}
         f = handles.get(fid)
         if f is None:
-            f = handles[fid] = tf.io.gfile.GFile(self.files[fid], "rb")
+            f = handles[fid] = open(self.files[fid], "rb")
         f.seek(int(self.offsets[i]))
         return f.read(int(self.lengths[i]))
 
@@ -237,9 +259,12 @@ def _gather_parts(values: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
 class _SampleFns:
     """The numpy functions the map calls (closures over the source and tokenizer)."""
 
-    def __init__(self, source: RecordSource, cfg: PipelineConfig, tokenizer):
+    def __init__(self, source: RecordSource, cfg: PipelineConfig, tokenizer, tokenizer_2):
         self.source, self.cfg = source, cfg
         self.tokenizer = tokenizer if tokenizer is not None else sample_lib.default_tokenizer()
+        if cfg.sdxl and tokenizer_2 is None:
+            tokenizer_2 = sample_lib.default_tokenizer(pad_token="!")
+        self.tokenizer_2 = tokenizer_2
         self.order = sample_lib.RecordOrder(cfg.seed, len(source))
         self._lock = threading.Lock()
 
@@ -262,12 +287,15 @@ class _SampleFns:
     def text(self, vqa, detail, slot_labels, drop):
         t = sample_lib.text_inputs(self.tokenizer, vqa.decode("utf-8"), detail.decode("utf-8"), slot_labels,
                                    bool(drop), self.cfg.pairing, self.cfg.max_text_length, self.cfg.max_length)
-        return t.input_ids, t.facial_token_mask, t.facial_token_idx, t.facial_token_idx_mask, t.part_order
+        # SDXL's encoder 2 reads the text as the reference's SDXL training tokenizes it for it.
+        ids_2 = (facial_prompts.second_encoder_ids(self.tokenizer_2, t.text, self.cfg.max_length)
+                 if self.cfg.sdxl else np.zeros(0, np.int32))
+        return t.input_ids, t.facial_token_mask, t.facial_token_idx, t.facial_token_idx_mask, t.part_order, ids_2
 
 
 def make_dataset(dataset_dir: os.PathLike | str, cfg: PipelineConfig, *, start_step: int = 0,
                  num_steps: int | None = None, process_index: int = 0, process_count: int = 1,
-                 tokenizer=None) -> tf.data.Dataset:
+                 tokenizer=None, tokenizer_2=None) -> tf.data.Dataset:
     """tf.data.Dataset of this host's batches for steps start_step, start_step + 1, ... (see module doc).
 
     `dataset_dir` is a built dataset folder (`<data_dir>/<name>[/<config>]/<version>`, see builder.py;
@@ -280,7 +308,7 @@ def make_dataset(dataset_dir: os.PathLike | str, cfg: PipelineConfig, *, start_s
         raise ValueError(f"foreground_loss_per must be 'batch' or 'sample', got {cfg.foreground_loss_per!r}")
     sample_lib.stream_positions(start_step, cfg.global_batch_size, process_index, process_count)  # validates
     source = RecordSource(dataset_dir, cfg.split)
-    fns = _SampleFns(source, cfg, tokenizer)
+    fns = _SampleFns(source, cfg, tokenizer, tokenizer_2)
     local_batch = cfg.global_batch_size // process_count
     R = cfg.resolution
     M = cfg.mask_resolution or R
@@ -316,9 +344,9 @@ def make_dataset(dataset_dir: os.PathLike | str, cfg: PipelineConfig, *, start_s
         part_masks.set_shape([MAX_PARTS, None, None])
         fg.set_shape([None, None])
 
-        ids, ftm, fidx, fidx_mask, order = tf.numpy_function(
+        ids, ftm, fidx, fidx_mask, order, ids_2 = tf.numpy_function(
             fns.text, [ex["vqa_llva"], ex["vqa_llva_more_face_detail"], slot_labels, drop],
-            [tf.int32, tf.bool, tf.int32, tf.bool, tf.int32], stateful=False)
+            [tf.int32, tf.bool, tf.int32, tf.bool, tf.int32, tf.int32], stateful=False)
         ids.set_shape([cfg.max_length])
         ftm.set_shape([cfg.max_length])
         fidx.set_shape([MAX_PARTS])
@@ -332,8 +360,9 @@ def make_dataset(dataset_dir: os.PathLike | str, cfg: PipelineConfig, *, start_s
             facial_masks = tf.image.resize(facial_masks, [M, M], method="bilinear", antialias=True)
         foreground = resize_center_crop(fg[..., None], R)[..., 0]
         extra = {}
-        if cfg.sdxl_time_ids:
+        if cfg.sdxl:
             extra["time_ids"] = tf.constant(batch_lib.sdxl_time_ids(1, R, R)[0])
+            extra["input_ids_2"] = tf.ensure_shape(ids_2, [cfg.max_length])
         return {
             **extra,
             "pixel_values": tf.ensure_shape(pixel_values, [R, R, 3]),

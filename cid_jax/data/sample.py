@@ -32,11 +32,12 @@ class TextInputs(NamedTuple):
     text: str                          # the marked text that was tokenised ("" when dropped)
 
 
-def default_tokenizer():
-    """SD1.5's CLIP tokenizer with the reference's trigger tokens registered."""
+def default_tokenizer(pad_token: str = "<|endoftext|>"):
+    """SD1.5's CLIP tokenizer (`pad_token="!"`: SDXL's tokenizer_2) with the reference's trigger
+    tokens registered."""
     from cid_jax.text.tokenizer import CLIPTokenizer
 
-    tok = CLIPTokenizer.default()
+    tok = CLIPTokenizer.default(pad_token=pad_token)
     facial_prompts.add_trigger_tokens(tok)
     return tok
 

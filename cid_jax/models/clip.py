@@ -274,6 +274,11 @@ def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     transformers PR #24773) take the position of the largest token id — the EOT token, 49407, is the
     largest in the CLIP vocabulary. Other configs take the first position holding `eos_token_id`
     (0 if there is none, as torch's argmax of an all-zero row).
+
+    This is the one place that reads a config's `eos_token_id`, and rightly: the pooled output must
+    be the state transformers pools, stale config value and all (with 2, the largest id is the first
+    EOT whether a row is padded with EOT, SD's tokenizer, or with "!" = 0, SDXL's tokenizer_2). Which
+    id ends a text is the tokenizer's business, never read from this field.
     """
     ids = input_ids.astype(jnp.int32)
     if eos_token_id == 2:

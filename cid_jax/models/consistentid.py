@@ -18,7 +18,7 @@ facial attention maps (keyed by diffusers attention name). Both are pure functio
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,6 @@ class ConsistentID:
     image_proj: ProjPlus
     shortcut: bool = False               # ProjPlus shortcut (SDXL / FaceID-PlusV2 style)
     shortcut_scale: float = 1.0
-    pad_token_id_2: int = 0              # SDXL tokenizer_2 pads with '!' (id 0)
 
     @property
     def variant(self) -> str:
@@ -70,29 +69,24 @@ class ConsistentID:
         h = out.hidden_states[-2]
         return h.reshape(lead + h.shape[1:])
 
-    def encode_text(self, frozen, input_ids) -> tuple[jax.Array, Optional[jax.Array]]:
+    def encode_text(self, frozen, input_ids, input_ids_2=None) -> tuple[jax.Array, Optional[jax.Array]]:
         """input_ids [B,77] -> (prompt embeddings [B,77,E], pooled text embeds for SDXL or None).
 
         SD1.5: the last hidden state. SDXL: the penultimate hidden states of both encoders
-        concatenated (768 + 1280 = 2048), and encoder 2's projected pooled output.
+        concatenated (768 + 1280 = 2048), and encoder 2's projected pooled output; encoder 2 reads
+        `input_ids_2`, the text as SDXL's tokenizer_2 gives it ("!" padding: `text.second_encoder_ids`).
         """
         if not self.is_sdxl:
             out = self.text_encoders[0].apply({"params": frozen["text"][0]}, input_ids,
                                               output_hidden_states=False)
             return out.last_hidden_state, None
+        if input_ids_2 is None:
+            raise ValueError("SDXL's second text encoder needs input_ids_2 (tokenizer_2's ids: "
+                             "cid_jax.text.second_encoder_ids)")
         out1 = self.text_encoders[0].apply({"params": frozen["text"][0]}, input_ids)
-        out2 = self.text_encoders[1].apply({"params": frozen["text"][1]},
-                                           self._ids_for_tokenizer_2(input_ids))
+        out2 = self.text_encoders[1].apply({"params": frozen["text"][1]}, input_ids_2)
         embeds = jnp.concatenate([out1.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
         return embeds, out2.text_embeds
-
-    def _ids_for_tokenizer_2(self, input_ids):
-        """SDXL's tokenizer_2 has the same vocabulary but pads with id 0: re-pad after the EOS."""
-        eos = self.text_encoders[1].config.eos_token_id
-        pos = jnp.arange(input_ids.shape[1])[None]
-        first_eos = jnp.argmax(input_ids == eos, axis=1)[:, None]
-        has_eos = jnp.any(input_ids == eos, axis=1)[:, None]
-        return jnp.where(has_eos & (pos > first_eos), self.pad_token_id_2, input_ids)
 
     # ------------------------------------------------------------------------ conditioning
 
@@ -104,7 +98,7 @@ class ConsistentID:
         `fuse=False` skips the facial fusion (the text-only embedding set of inference).
         """
         frozen = jax.lax.stop_gradient(frozen)
-        prompt_embeds, pooled = self.encode_text(frozen, batch["input_ids"])
+        prompt_embeds, pooled = self.encode_text(frozen, batch["input_ids"], batch.get("input_ids_2"))
         clip_embeds = self.clip_hidden(frozen, batch["clip_image"])
         id_tokens = self.image_proj.apply({"params": trainable["image_proj"]}, batch["id_embedding"],
                                           clip_embeds, shortcut=self.shortcut, scale=self.shortcut_scale)

@@ -69,7 +69,10 @@ REFERENCE_FACIAL_ENCODER = dict(dim=1024, depth=8, heads=16)
 
 # ------------------------------------------------------------------------------ small sizes
 
-_TINY_TEXT = dict(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407)
+# The real configs' ids, quirks included: `eos_token_id` 2 is a stale placeholder in CLIP-L's and
+# OpenCLIP-bigG's published configs (the end-of-text token is 49407); a tiny model must carry it so
+# that a test can see code that trusts it.
+_TINY_TEXT = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 _TINY_VAE = dict(  # 4 levels: 8x downsampling as SD's VAE
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 32, 32],
     layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.18215, **_VAE_BLOCKS)

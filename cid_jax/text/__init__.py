@@ -15,6 +15,7 @@ from cid_jax.text.facial_prompts import (
     pair_parts_to_words,
     process_text_with_markers,
     remove_duplicate_keywords,
+    second_encoder_ids,
     tokenize_facial_prompt,
 )
 from cid_jax.text.tokenizer import CLIPTokenizer
@@ -36,5 +37,6 @@ __all__ = [
     "pair_parts_to_words",
     "process_text_with_markers",
     "remove_duplicate_keywords",
+    "second_encoder_ids",
     "tokenize_facial_prompt",
 ]

@@ -266,6 +266,16 @@ def tokenize_facial_prompt(
     )
 
 
+def second_encoder_ids(tokenizer_2, marked_text: str, max_length: int = 77) -> np.ndarray:
+    """SDXL encoder 2's ids for a (marked) text, as the reference's SDXL training makes them:
+    `tokenizer_2(text.replace("<|facial|>", ""))`, padded with tokenizer_2's pad ("!" = 0) and cut to
+    `max_length` keeping EOS. Aligned with encoder 1's ids except where the two tokenizers split
+    differently (tokenizer_2 takes every "!" as its own token). <|image|> goes too, as in encoder 1's."""
+    text = marked_text.replace(FACIAL_TOKEN, "").replace(IMAGE_TOKEN, "")
+    return np.asarray(tokenizer_2([text], max_length=max_length, padding="max_length", truncation=True)[0],
+                      np.int32)
+
+
 def _too_long(tokenizer, text: str, max_length: int) -> bool:
     """The reference's test `len(tokenizer(text, padding="max_length", truncation=False)) != 77`:
     more than `max_length` tokens, counting BOS, EOS and each marker as one."""

@@ -187,18 +187,19 @@ class CLIPTokenizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def default(cls) -> "CLIPTokenizer":
+    def default(cls, pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
         """OpenAI's CLIP vocabulary (the one in SD1.5's `tokenizer/`), from the packaged merge file.
 
         Special tokens as SD1.5's tokenizer_config.json declares them: bos/eos/unk "normalized"
-        dicts, pad the bare string <|endoftext|> (pad = eos = 49407).
+        dicts, pad the bare string <|endoftext|> (pad = eos = 49407). `pad_token="!"` gives SDXL's
+        `tokenizer_2` (pad = "!" = 0, a special token: a "!" in the text is always id 0).
         """
         with gzip.open(_ASSET, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         vocab, merges = _vocab_from_merge_lines(lines)
         normalized = lambda s: AddedToken(s, special=True, normalized=True)  # noqa: E731
         return cls({t: i for i, t in enumerate(vocab)}, merges, bos_token=normalized(BOS_TOKEN),
-                   eos_token=normalized(EOS_TOKEN), unk_token=normalized(EOS_TOKEN), pad_token=AddedToken(EOS_TOKEN))
+                   eos_token=normalized(EOS_TOKEN), unk_token=normalized(EOS_TOKEN), pad_token=AddedToken(pad_token))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "CLIPTokenizer":
