@@ -19,6 +19,7 @@ CORE = [
     "scikit-image>=0.26",  # offline frontal-face detector and real test photos
     "scipy",               # hole filling of region masks
     "matplotlib>=3.9",     # loss curves
+    "gcsfs>=2026.10.1",    # gs:// paths through etils epath / fsspec (runs, data, weights on GCS)
 ]
 
 EXTRAS = {
@@ -35,8 +36,9 @@ EXTRAS = {
     "tpu": ["libtpu"],
     # The web demo (python -m cid_jax.app) and its programmatic client.
     "app": ["gradio>=6.0", "gradio_client>=2.0"],
-    # Tests; the browser test drives Debian's chromium + chromedriver through selenium.
-    "dev": ["pytest>=8", "selenium>=4.20"],
+    # Tests; the browser test drives Debian's chromium + chromedriver through selenium; the pod-path
+    # tests run a GCS JSON-API emulator on 127.0.0.1.
+    "dev": ["pytest>=8", "selenium>=4.20", "gcp-storage-emulator>=2026.7.19"],
 }
 EXTRAS["all"] = sorted({d for k, deps in EXTRAS.items() if k != "tpu" for d in deps})
 

@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    c.checkpoint.ocdbt = True                    # orbax's OCDBT format (few large objects: fast on GCS); False:
+                                                 # one object per array (stores without conditional writes)
 
     c.eval = ml_collections.ConfigDict()       # identity fidelity while training (cid_jax.train_eval)
     c.eval.every_steps = 5000                    # generate + score every N steps and at the end (0 = never)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from cid_jax import build as build_lib
+from cid_jax import paths
 from cid_jax import run as run_lib
 from cid_jax.weights import consistentid as cw
 from cid_jax.weights.state_dict import WeightsError
@@ -46,7 +47,19 @@ def run_metadata(config, layout: cw.CheckpointLayout, step, dtype: str) -> dict[
 def save(trainable: Mapping[str, Any], layout: cw.CheckpointLayout, path: pathlib.Path, *,
          metadata: Optional[Mapping[str, str]] = None, dtype: str = "fp32", partial: bool = False) -> dict:
     """Writes `trainable` (host or device arrays) to `path` in the reference layout, atomically, and
-    checks the file by reading it back; a file that fails the check is removed. Returns the groups."""
+    checks the file by reading it back; a file that fails the check is removed. Returns the groups.
+    A remote `path` (gs://...) is written and checked locally, then uploaded with its sidecar."""
+    if paths.is_remote(path):
+        import tempfile
+
+        target = paths.path(path)
+        with tempfile.TemporaryDirectory(prefix="cid_jax-export-") as tmp:
+            local = pathlib.Path(tmp, target.name)
+            groups = save(trainable, layout, local, metadata=metadata, dtype=dtype, partial=partial)
+            for f in (local, cw.sidecar_path(local)):
+                if f.exists():
+                    paths.copy_file(f, target.parent / f.name)
+        return groups
     path = pathlib.Path(path)
     groups = cw.save_checkpoint(jax.device_get(dict(trainable)), layout, path, dtype=dtype, metadata=metadata,
                                 partial=partial)
@@ -75,7 +88,6 @@ def read_source(source: pathlib.Path, layout: Optional[cw.CheckpointLayout] = No
                 step: Optional[int] = None) -> tuple[dict, dict[str, str], cw.CheckpointLayout]:
     """(trainable, metadata, layout) of a training run directory (its newest or given step), our
     params file or a reference-layout file."""
-    source = pathlib.Path(source).expanduser()
     if run_lib.RunDir.looks_like_run(source):
         run = run_lib.RunDir.of(source)
         config, trainable, step = run_lib.restore_trainable(run, step)
@@ -83,7 +95,7 @@ def read_source(source: pathlib.Path, layout: Optional[cw.CheckpointLayout] = No
         if layout is not None and layout.base != run_layout.base:
             raise WeightsError(f"{run.root} was trained with layout {run_layout.base!r}, not {layout.base!r}")
         return trainable, run_metadata(config, run_layout, step, "fp32"), run_layout
-    params, meta, layout = cw.load_params(source, layout)
+    params, meta, layout = cw.load_params(paths.local_copy(source), layout)
     if step is not None:  # a weights file has no steps to choose from: record the one given
         meta = dict(meta, step=str(step))
     return params, meta, layout
@@ -92,7 +104,7 @@ def read_source(source: pathlib.Path, layout: Optional[cw.CheckpointLayout] = No
 def to_pytorch(source, out, *, layout: Optional[str] = None, dtype: str = "fp32", pairing: Optional[str] = None,
                step: Optional[int] = None, base_model: Optional[str] = None, allow_partial: bool = False):
     """`convert/to_pytorch.py`: (groups written, metadata, layout)."""
-    params, meta, lay = read_source(pathlib.Path(source), cw.LAYOUTS[layout] if layout else None, step)
+    params, meta, lay = read_source(source, cw.LAYOUTS[layout] if layout else None, step)
     pairing = pairing or meta.get("pairing")
     if pairing is None:
         raise WeightsError(f"{source} records no pairing mode: pass --pairing=reference|by_name")
@@ -100,7 +112,7 @@ def to_pytorch(source, out, *, layout: Optional[str] = None, dtype: str = "fp32"
         lay, base_model=base_model or meta.get("base_model") or DEFAULT_BASE_MODEL.get(lay.base, lay.base),
         pairing=pairing, step=meta.get("step", "unknown"), dtype=dtype,
         extra={k: v for k, v in meta.items() if k.startswith("facial_encoder_")} | {"source": str(source)})
-    groups = save(params, lay, pathlib.Path(out), metadata=metadata, dtype=dtype, partial=allow_partial)
+    groups = save(params, lay, out, metadata=metadata, dtype=dtype, partial=allow_partial)
     return groups, metadata, lay
 
 

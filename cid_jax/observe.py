@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from typing import Mapping, Sequence
 
@@ -13,6 +14,8 @@ import jax
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from cid_jax import paths
 
 
 class _QuietOrbax:
@@ -120,8 +123,7 @@ def plot_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], pat
     axes[0, 0].legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    paths.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -165,9 +167,41 @@ def facial_attention_maps(model, frozen, trainable, one, t: int = 400):
     return jnp.mean(jnp.stack(resized), axis=0)
 
 
+class _Staged:
+    """Append-only files of a remote run directory, written in a local folder and uploaded whole at
+    each `sync()` (an object store cannot append): metrics.jsonl and the TensorBoard event files go
+    through the same file layer as everything else (`cid_jax.paths`), not a logger's own client. A
+    local run writes in place and `sync()` does nothing."""
+
+    def __init__(self, run):
+        import tempfile
+
+        self.run = run
+        self.local = None if not run.remote else pathlib.Path(tempfile.mkdtemp(prefix="cid_jax-run-"))
+        if self.local is not None and run.metrics_file.exists():  # a resumed run appends
+            paths.copy_file(run.metrics_file, self.local / run.metrics_file.name)
+
+    def where(self, target):
+        return target if self.local is None else self.local / target.relative_to(self.run.root)
+
+    def sync(self) -> None:
+        if self.local is None:
+            return
+        for f in sorted(self.local.rglob("*")):
+            if f.is_file():
+                paths.copy_file(f, self.run.root / f.relative_to(self.local).as_posix())
+
+    def close(self) -> None:
+        self.sync()
+        if self.local is not None:
+            import shutil
+
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
 class Writer:
-    """TensorBoard (tensorboardX) + metrics.jsonl + PNGs in the run directory (`cid_jax.run.RunDir`);
-    no-op off process 0."""
+    """TensorBoard (tensorboardX) + metrics.jsonl + PNGs in the run directory (`cid_jax.run.RunDir`,
+    local or remote); no-op off process 0."""
 
     def __init__(self, run, mesh=None):
         self.run = run
@@ -178,8 +212,17 @@ class Writer:
         if self.active:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run.tensorboard))
-            self._jsonl = open(run.metrics_file, "a")
+            self._staged = _Staged(run)
+            os.makedirs(self._staged.where(run.tensorboard), exist_ok=True)
+            self._tb = SummaryWriter(os.fspath(self._staged.where(run.tensorboard)))
+            metrics = self._staged.where(run.metrics_file)
+            os.makedirs(os.path.dirname(metrics), exist_ok=True)
+            self._jsonl = open(metrics, "a")
+
+    def _flush(self) -> None:
+        self._jsonl.flush()
+        self._tb.flush()
+        self._staged.sync()
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.active:
@@ -187,7 +230,7 @@ class Writer:
         for k, v in metrics.items():
             self._tb.add_scalar(f"train/{k}", v, step)
         self._jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
-        self._jsonl.flush()
+        self._flush()
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def eval_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -197,10 +240,11 @@ class Writer:
         for k, v in metrics.items():
             self._tb.add_scalar(f"eval/{k}", v, step)
         self._jsonl.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()})) + "\n")
-        self._jsonl.flush()
         grid = self.run.images / f"eval_{step:07d}.png"
         if grid.exists():
-            self._tb.add_image("eval/images", np.asarray(Image.open(grid).convert("RGB")), step, dataformats="HWC")
+            with grid.open("rb") as f:
+                self._tb.add_image("eval/images", np.asarray(Image.open(f).convert("RGB")), step, dataformats="HWC")
+        self._flush()
 
     def attention_images(self, step: int, model, frozen, trainable, batch) -> None:
         """Facial-token attention maps of the first sample over its input image.
@@ -223,9 +267,7 @@ class Writer:
             return
         maps, image, valid = (np.asarray(jax.device_get(x)) for x in (maps, image, valid))
         pic = attention_overlay(image, maps, valid)
-        path = self.run.images / f"attention_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pic.save(path)
+        paths.write_atomic(self.run.images / f"attention_{step:07d}.png", lambda tmp: pic.save(tmp, format="PNG"))
         self._tb.add_image("attention/facial_tokens", np.asarray(pic), step, dataformats="HWC")
 
     def close(self, history: Sequence[Mapping[str, float]]) -> None:
@@ -234,3 +276,4 @@ class Writer:
         plot_curves(history, ["loss", "noise_loss", "facial_loss", "grad_norm"], self.run.curves)
         self._tb.close()
         self._jsonl.close()
+        self._staged.close()

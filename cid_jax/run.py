@@ -7,19 +7,20 @@
     <workdir>/metrics.jsonl, tensorboard/, images/, loss_curves.png   written by `cid_jax.observe`
     <workdir>/export/                the PyTorch export (`cid_jax.export`)
     <workdir>/data/                  synthetic faces built on the first start (`cid_jax.data.builder`)
-    <workdir>/.lock                  held by the one training process writing the run (`RunLock`)
+    <workdir>/.lock                  held by the one training process writing the run (`RunLock`;
+                                     on an object store a lease object, `ObjectLease`)
     <workdir>/corrupt/<step>-<time>  unreadable checkpoints, moved aside on resume (never deleted)
 
 Training (`cid_jax.trainer`), generation, export and the converters read and write these only
-through this module.
+through this module. The workdir may be local or on an object store (`gs://bucket/run`): every path
+here is an etils `epath.Path` (`cid_jax.paths`), and process 0 alone writes the run-level files
+(each host writes its own checkpoint shards through orbax).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import pathlib
-import shutil
 import socket
 import time
 from typing import Any, Mapping, Optional
@@ -28,17 +29,21 @@ import jax
 import numpy as np
 from absl import logging
 
-from cid_jax import cli
+from cid_jax import cli, paths
 from cid_jax import build as build_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
-    """The paths of one run directory."""
-    root: pathlib.Path
+    """The paths of one run directory (local, or `gs://...` / `s3://...`)."""
+    root: Any  # epath.Path
 
     def __post_init__(self):
-        object.__setattr__(self, "root", pathlib.Path(self.root).expanduser())
+        object.__setattr__(self, "root", paths.path(self.root))
+
+    @property
+    def remote(self) -> bool:
+        return paths.is_remote(self.root)
 
     config_file = property(lambda self: self.root / "config.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
@@ -55,31 +60,25 @@ class RunDir:
     @staticmethod
     def looks_like_run(path) -> bool:
         """A folder a training run wrote (its config.json or checkpoints/), or its checkpoints/."""
-        path = pathlib.Path(path)
+        path = paths.path(path)
         return path.is_dir() and ((path / "config.json").exists() or (path / "checkpoints").is_dir()
                                   or path.name == "checkpoints")
 
     @classmethod
     def of(cls, path) -> "RunDir":
         """The run directory of `path` (the run folder itself or its checkpoints/ folder)."""
-        path = pathlib.Path(path).expanduser()
+        path = paths.path(path)
         return cls(path.parent if path.name == "checkpoints" else path)
 
 
 # ------------------------------------------------------------------------------------ config
 
 
-def _atomic_text(path: pathlib.Path, text: str) -> None:
-    from cid_jax.weights.state_dict import atomic_write
-
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
 def write_config(run: RunDir, config) -> None:
     """config.json (process 0 only; atomic, so a crash never leaves half a file)."""
     if jax.process_index() == 0:
         run.root.mkdir(parents=True, exist_ok=True)
-        _atomic_text(run.config_file, config.to_json_best_effort(indent=2))
+        paths.write_text_atomic(run.config_file, config.to_json_best_effort(indent=2))
 
 
 def config_from_json(text: str):
@@ -119,6 +118,24 @@ def read_config(run: RunDir):
 # ------------------------------------------------------------------------------- checkpoints
 
 
+def _orbax_dir(run: RunDir) -> str:
+    """The checkpoints folder as orbax takes it: a URL as is, a local path absolute."""
+    return str(run.checkpoints) if run.remote else os.path.abspath(run.checkpoints)
+
+
+def _handlers(ocdbt: bool = True):
+    """The run's two checkpoint items: `state` (arrays, orbax's OCDBT format unless `ocdbt` is
+    False) and `meta` (JSON). Named handlers also let a reader ask a checkpoint for its tree."""
+    import orbax.checkpoint as ocp
+
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state, meta = ocp.StandardCheckpointHandler(use_ocdbt=ocdbt), ocp.JsonCheckpointHandler()
+    for item, handler, args in (("state", state, ocp.args.StandardSave), ("state", state, ocp.args.StandardRestore),
+                                ("meta", meta, ocp.args.JsonSave), ("meta", meta, ocp.args.JsonRestore)):
+        registry.add(item, args, handler)
+    return registry
+
+
 def checkpoint_manager(run: RunDir, config=None, *, read_only: bool = False):
     """The orbax CheckpointManager of the run (`config` sets interval, keep and async saving)."""
     import orbax.checkpoint as ocp
@@ -130,17 +147,16 @@ def checkpoint_manager(run: RunDir, config=None, *, read_only: bool = False):
         level = absl_logger.level
         absl_logger.setLevel(std_logging.ERROR)
         try:
-            return ocp.CheckpointManager(str(run.checkpoints.absolute()),
+            return ocp.CheckpointManager(_orbax_dir(run),
                                          options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-                                         item_names=("state", "meta"))
+                                         handler_registry=_handlers())
         finally:
             absl_logger.setLevel(level)
     c = config.checkpoint
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=c.every_steps, max_to_keep=c.keep,
         enable_async_checkpointing=c.get("async_save", True), create=True)
-    return ocp.CheckpointManager(str(run.checkpoints.absolute()), options=options,
-                                 item_names=("state", "meta"))
+    return ocp.CheckpointManager(_orbax_dir(run), options=options, handler_registry=_handlers(c.get("ocdbt", True)))
 
 
 def save(manager, state, config, *, force: bool = False) -> bool:
@@ -202,9 +218,20 @@ def _loops_stay_open_on_failure():
     return lambda: setattr(asyncio_utils, "_run_sync_via_new_loop", original)
 
 
+def _on_this_host(manager, step: int):
+    """The saved state's tree as abstract arrays on this process's first device: a checkpoint of a
+    multi-host run (its shards on other processes' devices) read by one process (export, generate)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = manager.item_metadata(step).state
+    tree = saved.tree if hasattr(saved, "tree") else saved
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+                        if hasattr(m, "shape") else m, tree)
+
+
 def restore(manager, step: int, abstract_state=None):
     """(state, meta) of checkpoint `step`; `abstract_state` gives the target tree and shardings
-    (None: as saved, on the host). A checkpoint that cannot be read raises `CheckpointError`."""
+    (None: the saved tree on this host's first device). A checkpoint that cannot be read raises
+    `CheckpointError`."""
     import logging as std_logging
 
     import orbax.checkpoint as ocp
@@ -216,6 +243,8 @@ def restore(manager, step: int, abstract_state=None):
         lg.setLevel(std_logging.CRITICAL)
     undo = _loops_stay_open_on_failure()
     try:
+        if abstract_state is None:
+            abstract_state = _on_this_host(manager, step)
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a bad file
@@ -228,11 +257,11 @@ def restore(manager, step: int, abstract_state=None):
     return restored.state, restored.meta
 
 
-def set_aside(run: RunDir, step: int) -> pathlib.Path:
+def set_aside(run: RunDir, step: int):
     """Moves checkpoint `step` out of checkpoints/ into corrupt/ (kept, never deleted)."""
     run.corrupt.mkdir(parents=True, exist_ok=True)
     target = run.corrupt / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.move(str(run.checkpoints / str(step)), str(target))
+    paths.move_tree(run.checkpoints / str(step), target)
     return target
 
 
@@ -297,12 +326,21 @@ def restore_trainable(run: RunDir, step: Optional[int] = None):
     return config, _trainable_of(jax.device_get(params)), int(s)
 
 
-def clean_temporary_saves(run: RunDir) -> list[pathlib.Path]:
-    """Removes the temporary folders of saves that never finished (a crash, a full disk): orbax
-    names them `<step>.orbax-checkpoint-tmp-*`. Only the lock holder may call this."""
-    removed = sorted(run.checkpoints.glob("*.orbax-checkpoint-tmp*")) if run.checkpoints.is_dir() else []
+def clean_temporary_saves(run: RunDir) -> list:
+    """Removes the temporary folders of saves that never finished (a crash, a full disk, the store
+    gone mid-save): orbax names them `<step>.orbax-checkpoint-tmp-*`; on an object store, where it
+    cannot rename, a step folder without its `commit_success.txt`. Only the lock holder may call this."""
+    if not run.checkpoints.is_dir():
+        return []
+    removed = sorted(run.checkpoints.glob("*.orbax-checkpoint-tmp*"))
+    if run.remote:
+        removed += [p for p in run.checkpoints.iterdir()
+                    if p.name.isdigit() and not (p / "commit_success.txt").exists()]
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            path.rmtree()
+        except OSError as e:
+            logging.warning("could not remove the unfinished save %s: %s", path, e)
     return removed
 
 
@@ -336,9 +374,9 @@ def frozen_weights(model, config, run: Optional[RunDir] = None) -> dict:
     if config.model.base or run is None:
         return jax.device_get(build_lib.base_weights(model, config))
     if run.frozen_file.exists():
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        stored = _unflat(load_file(str(run.frozen_file)))
+        stored = _unflat(load(run.frozen_file.read_bytes()))
         expected = jax.tree.map(lambda x: tuple(x.shape), build_lib.abstract_frozen(model, boxed=False))
         if jax.tree.map(np.shape, stored) != expected:
             raise ValueError(f"{run.frozen_file} does not fit the config's {config.model.preset} architecture")
@@ -374,9 +412,9 @@ def read_init_from(config) -> dict:
     metadata; the released weights, which have none: "reference") must be the config's."""
     from cid_jax.weights import consistentid as cw
 
-    path = pathlib.Path(config.model.init_from).expanduser()
-    if not path.exists():
-        raise cli.MissingError(f"--config.model.init_from={path} does not exist")
+    if not paths.path(config.model.init_from).exists():
+        raise cli.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
+    path = paths.local_copy(config.model.init_from)  # torch.load / safetensors read a local file
     layout = build_lib.checkpoint_layout(config)
     if path.suffix == ".msgpack":
         params, meta = cw.load_params_msgpack(path)
@@ -420,10 +458,18 @@ def initial_trainable(model, config, frozen_unet, init_params: Optional[Mapping]
 # ----------------------------------------------------------------------------- one writer
 
 
+def run_lock(run: RunDir):
+    """The run directory's one-writer lock: `RunLock` (flock) for a local or NFS folder,
+    `ObjectLease` on an object store, where there is no flock."""
+    return ObjectLease(run) if run.remote else RunLock(run)
+
+
 class RunLock:
     """The run directory's exclusive lock, held by the one training process that writes it (process
     0 of a multi-host run), from its start until it exits; the kernel drops it if the process dies.
     A lock file left by a dead process is taken over, with a log line."""
+
+    lost: Optional[str] = None  # a kernel lock cannot be lost while the process lives
 
     def __init__(self, run: RunDir):
         self.run = run
@@ -465,6 +511,103 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+class ObjectLease(RunLock):
+    """The one-writer lock of a run on an object store: a lease object `<workdir>/.lock` (JSON:
+    holder, token, time of the last renewal, time to live). Every change is a conditional write on
+    the generation last read (tensorstore's kvstore, the client orbax writes the checkpoints with):
+    created only if absent, so of two hosts racing one wins; renewed by a background thread every
+    ttl/4 while the run lives; deleted when it ends. A lease not renewed for its time to live
+    belonged to a run that died: it is taken over (under the same condition), with a log line. If a
+    renewal finds the lease changed by another process, `lost` says so and training stops.
+
+    The time to live is `$CID_JAX_LEASE_TTL_S` (default 300 s): a killed run's successor waits at
+    most that long; a preempted run releases its lease on the way out."""
+
+    DEFAULT_TTL_S = 300.0
+
+    def __init__(self, run: RunDir):
+        import threading
+        import uuid
+
+        self.run = run
+        self.ttl_s = float(os.environ.get("CID_JAX_LEASE_TTL_S", self.DEFAULT_TTL_S))
+        self.token = uuid.uuid4().hex
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        self.lost = None
+        self._generation = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._kv, self._key = _kvstore_of(run.lock_file)
+
+    def _read(self):
+        """(lease dict or None, generation)."""
+        got = self._kv.read(self._key).result()
+        lease = json.loads(bytes(got.value) or b"{}") if got.state == "value" else None
+        return lease, got.stamp.generation
+
+    def _write(self, if_generation) -> bool:
+        """Writes the lease if the object is still at `if_generation`; False if it is not."""
+        data = json.dumps(dict(holder=self.holder, token=self.token, renewed=time.time(), ttl_s=self.ttl_s))
+        written = self._kv.write(self._key, data.encode(), if_equal=if_generation).result()
+        if not written.generation:  # the condition did not hold
+            return False
+        self._generation = written.generation
+        return True
+
+    def acquire(self) -> "ObjectLease":
+        import threading
+
+        current, generation = self._read()
+        if current is not None:
+            age = time.time() - float(current.get("renewed", 0))
+            if age < float(current.get("ttl_s", self.ttl_s)):
+                raise cli.BusyError(f"{self.run.root} is being trained by another process ({current.get('holder')}; "
+                                    f"its lease was renewed {age:.0f} s ago): wait for it to finish, or give this "
+                                    "run another --workdir")
+            logging.warning("took over the lease of %s on %s: not renewed for %.0f s", current.get("holder"),
+                            self.run.root, age)
+        if not self._write(generation):
+            raise cli.BusyError(f"{self.run.root}: another process took the run's lease at the same moment; "
+                                "give this run another --workdir")
+        self._thread = threading.Thread(target=self._renew, name="cid_jax-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                if not self._write(self._generation):
+                    self.lost = f"the lease on {self.run.root} was taken by another process"
+                    logging.error("%s; this run stops at the next step", self.lost)
+                    return
+            except Exception as e:  # noqa: BLE001 - the store briefly unreachable: try again next time
+                logging.warning("could not renew the lease on %s (%s); retrying", self.run.root, e)
+
+    def release(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if self.lost:
+            return
+        try:
+            self._kv.write(self._key, None, if_equal=self._generation).result()
+        except Exception as e:  # noqa: BLE001 - it then goes stale, and is taken over after its ttl
+            logging.warning("could not remove the lease %s (%s); it expires in %.0f s", self.run.lock_file, e,
+                            self.ttl_s)
+
+
+def _kvstore_of(url):
+    """(tensorstore KvStore of the bucket, key) for a gs:// or s3:// object."""
+    import tensorstore as ts
+
+    scheme, _, rest = str(url).partition("://")
+    bucket, _, key = rest.partition("/")
+    driver = {"gs": "gcs", "s3": "s3"}[scheme]
+    return ts.KvStore.open({"driver": driver, "bucket": bucket}).result(), key
 
 
 # ----------------------------------------------------------------------- resuming with a config

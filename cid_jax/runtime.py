@@ -28,11 +28,13 @@ import os
 import pathlib
 from typing import Any, Callable, Optional
 
+from cid_jax import paths
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CID_JAX_COMPILATION_CACHE"
 _OFF = ("off", "0", "false", "no", "none")
-_cache_path: Optional[pathlib.Path] = None  # the folder enable_compilation_cache chose (None: off)
+_cache_path = None  # the folder enable_compilation_cache chose (None: off)
 
 
 def default_cache_dir() -> Optional[str]:
@@ -44,7 +46,7 @@ def default_cache_dir() -> Optional[str]:
     return os.path.join(root, "cid_jax", "xla")
 
 
-def enable_compilation_cache(cache_dir: Optional[str]) -> Optional[pathlib.Path]:
+def enable_compilation_cache(cache_dir: Optional[str]):
     """Points JAX's persistent compilation cache at `cache_dir` (None: leaves it off). Every
     program is cached, however fast it compiled, so a repeated command compiles nothing."""
     import jax
@@ -56,11 +58,11 @@ def enable_compilation_cache(cache_dir: Optional[str]) -> Optional[pathlib.Path]
         log.info("persistent compilation cache off")
         return None
 
-    path = pathlib.Path(cache_dir).expanduser()
+    path = paths.path(cache_dir)  # local, or gs://: a pod's restarted job then compiles nothing
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        log.warning("compilation cache %s is not writable (%s); compiling without it", path, e.strerror or e)
+    except Exception as e:  # noqa: BLE001 - OSError locally, the store's own error remotely
+        log.warning("compilation cache %s is not writable (%s); compiling without it", path, paths.describe_error(e))
         return enable_compilation_cache(None)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(path))
@@ -121,12 +123,10 @@ def compile_cached(name: str, fn: Callable, args: tuple, signature: str) -> Call
             log.debug("%s: not stored (%s: %s)", name, type(e).__name__, e)
             return jax.jit(fn).lower(*args).compile()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(exported.serialize())
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("could not store the traced program in %s (%s)", path, e.strerror or e)
+            data = exported.serialize()
+            paths.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+        except Exception as e:  # noqa: BLE001 - a full disk, an unreachable bucket: the cache is optional
+            log.warning("could not store the traced program in %s (%s)", path, paths.describe_error(e))
     compiled = jax.jit(exported.call).lower(*leaves).compile()
     return lambda *call_args: compiled(*jax.tree.leaves(call_args))
 
@@ -153,12 +153,9 @@ def cached_shapes(name: str, signature: str, fn: Callable[[], Any]) -> Any:
     except TypeError:  # not a plain tree of shapes: nothing to keep
         return tree
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("could not store shapes in %s (%s)", path, e.strerror or e)
+        paths.write_text_atomic(path, text)
+    except Exception as e:  # noqa: BLE001 - the cache is optional
+        log.warning("could not store shapes in %s (%s)", path, paths.describe_error(e))
     return tree
 
 
@@ -232,7 +229,7 @@ def add_cache_flags(parser) -> None:
                         help="compile everything afresh, reading and writing no cache")
 
 
-def cache_from_args(args) -> Optional[pathlib.Path]:
+def cache_from_args(args):
     return enable_compilation_cache(None if args.no_compilation_cache else args.compilation_cache_dir)
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping
 
 import flax
 import jax
@@ -28,7 +28,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from cid_jax import build as build_lib
-from cid_jax import cli, config_base, losses, run as run_lib, runtime, schedulers, sharding, train_eval
+from cid_jax import cli, config_base, losses, paths, run as run_lib, runtime, schedulers, sharding, train_eval
 from cid_jax.models.consistentid import ConsistentID
 
 
@@ -58,7 +58,7 @@ def step_batch(config, n_devices: int) -> int:
     return gb // accum
 
 
-def validate(config, workdir: Optional[pathlib.Path] = None) -> None:
+def validate(config, workdir=None) -> None:
     """Fails before any work (nothing built, compiled or created), with the fix in the message,
     when the config cannot run: field values, the batch over the devices, the weights and data
     folders, `init_from`, and whether the run directory can be written."""
@@ -67,7 +67,7 @@ def validate(config, workdir: Optional[pathlib.Path] = None) -> None:
         raise cli.InputError(f"{len(problems)} config value(s) cannot work:\n  " + "\n  ".join(problems))
     step_batch(config, jax.device_count())
     build_lib.check_weight_folders(config)
-    if config.model.get("init_from") and not pathlib.Path(config.model.init_from).expanduser().exists():
+    if config.model.get("init_from") and not paths.path(config.model.init_from).exists():
         raise cli.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
     if config.data.path:
         from cid_jax.data import builder
@@ -78,21 +78,23 @@ def validate(config, workdir: Optional[pathlib.Path] = None) -> None:
         raise cli.InputError(f"no training data: set --config.data.path to a built FGID dataset ({builder_hint}) "
                              "or --config.data.synthetic=N for N synthetic faces")
     if workdir is not None:
-        _check_writable(pathlib.Path(workdir))
+        _check_writable(paths.path(workdir))
 
 
-def _check_writable(workdir: pathlib.Path) -> None:
+def _check_writable(workdir) -> None:
     """The run directory can be created and written (tried, not inferred from permission bits, which
-    root ignores); nothing is left behind but the directory itself."""
-    import tempfile
+    root ignores, or from a bucket's policy); nothing is left behind but the directory itself. An
+    unknown bucket or a refused write is one line naming the path and the store's answer."""
+    import uuid
 
+    probe = workdir / f".write-test-{uuid.uuid4().hex}"
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise cli.InputError(f"--workdir={workdir} cannot be written ({e.strerror or e}); pick a --workdir you "
-                             "can write to") from None
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - OSError locally; each object store client has its own
+        raise cli.InputError(f"--workdir={workdir} cannot be written ({paths.describe_error(e)}); pick a "
+                             "--workdir you can write to") from None
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -238,11 +240,28 @@ def input_batches(config, run: run_lib.RunDir) -> Callable[[int], Iterator]:
 # ------------------------------------------------------------------------------------ loop
 
 
+def _wait_for_all_hosts(name: str, timeout_s: int = 3600) -> None:
+    """A barrier of all processes through JAX's coordination service (no device collective). Hosts
+    finish compiling at different times (one reads the persistent cache, another compiles for
+    minutes), and the first step's collectives give their setup only 30 s on CPU (gloo)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client; no public barrier without devices
+
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 class _Preemption:
-    """SIGTERM -> finish the current step, save, exit cleanly."""
+    """SIGTERM -> finish the current step, save, exit cleanly (one process; a multi-host run
+    agrees on the step through JAX's preemption sync point instead, see `_train`)."""
 
     def __init__(self):
         self.requested = False
+        self._previous = None
+        if jax.process_count() > 1:  # JAX's preemption notifier owns SIGTERM there
+            return
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. under some test runners)
@@ -274,6 +293,8 @@ def _warn_if_disk_low(run: run_lib.RunDir, state_bytes: int) -> None:
     """A checkpoint needs about the state's size on disk; say so before a save that may not fit."""
     import shutil
 
+    if run.remote:  # an object store has no disk to fill
+        return
     free = shutil.disk_usage(run.checkpoints if run.checkpoints.exists() else run.root).free
     if free < 2 * state_bytes:
         logging.warning("only %.2f GiB free under %s for checkpoints of %.2f GiB each: free some space or "
@@ -308,15 +329,15 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
 
     run = run_lib.RunDir(workdir)
     validate(config, run.root)
-    lock = run_lib.RunLock(run).acquire() if jax.process_index() == 0 else None
+    lock = run_lib.run_lock(run).acquire() if jax.process_index() == 0 else None
     try:
-        return _train(config, run, batches, observe)
+        return _train(config, run, batches, observe, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
+def _train(config, run: run_lib.RunDir, batches, observe, lock=None) -> RunResult:
     if run.config_file.exists():
         run_lib.check_resume_config(run_lib.read_config(run), config)
     has_checkpoints = run.checkpoints.is_dir() and any(p.name.isdigit() for p in run.checkpoints.iterdir())
@@ -368,6 +389,7 @@ def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
     with runtime.CompileStats() as stats:
         compiled = jitted.lower(state, frozen, first, step_key).compile()
     compile_s = time.perf_counter() - t0
+    _wait_for_all_hosts("cid_jax: train step compiled")
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     logging.info("train step compiled in %.1f s (%.3g GFLOP per device per step%s)",
                  compile_s, flops / 1e9, "; read from the persistent cache" if stats.cache_hits else "")
@@ -419,9 +441,14 @@ def _train(config, run: run_lib.RunDir, batches, observe) -> RunResult:
                 raise SaveFailed(f"saving the checkpoint of step {step} failed ({e.strerror or e}); stopped. The "
                                  f"last good checkpoint is step {manager.latest_step()}"
                                  f"{f'; removed {len(removed)} unfinished save folder(s)' if removed else ''}") from e
-            if preempt.requested:
+            # One host: our SIGTERM handler. Several: every host reaches JAX's preemption sync point
+            # at the same step (orbax saved it just now), so all of them stop there together.
+            if preempt.requested or (jax.process_count() > 1 and manager.reached_preemption(step)):
                 preempted = True
+                logging.warning("preemption: checkpoint of step %d saved; exiting", step)
                 break
+            if lock is not None and lock.lost:
+                raise cli.BusyError(f"{lock.lost}; stopped at step {step}")
     except SaveFailed:
         save_failed = True
         raise

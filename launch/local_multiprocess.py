@@ -21,8 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(num_processes: int, devices_per_process: int, args: list[str],
-           module: str = "cid_jax.train", env: dict | None = None) -> int:
+def start(num_processes: int, devices_per_process: int, args: list[str],
+          module: str = "cid_jax.train", env: dict | None = None, **popen) -> list[subprocess.Popen]:
+    """The N processes, started (a caller that signals one host, as a preemption would, keeps them)."""
     address = f"127.0.0.1:{free_port()}"
     procs = []
     for pid in range(num_processes):
@@ -31,8 +32,14 @@ def launch(num_processes: int, devices_per_process: int, args: list[str],
         penv["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
         cmd = [sys.executable, "-m", module, f"--coordinator_address={address}",
                f"--num_processes={num_processes}", f"--process_id={pid}", *args]
-        procs.append(subprocess.Popen(cmd, env=penv))
-    codes = [p.wait() for p in procs]
+        procs.append(subprocess.Popen(cmd, env=penv, **popen))
+    return procs
+
+
+def launch(num_processes: int, devices_per_process: int, args: list[str],
+           module: str = "cid_jax.train", env: dict | None = None) -> int:
+    """Runs the N processes to the end: the first non-zero exit code, else 0."""
+    codes = [p.wait() for p in start(num_processes, devices_per_process, args, module, env)]
     return next((c for c in codes if c), 0)
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("USE_TF", "0")  # keep transformers from importing TensorFlow
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # the GCS emulator has no storage-control API
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 # `configs.*` and `tests.*` import from the repo root; subprocesses inherit it via PYTHONPATH.
 sys.path.insert(0, str(_REPO))

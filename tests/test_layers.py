@@ -1,7 +1,7 @@
 """The layers of DESIGN.md hold, read from the import graph of cid_jax/ and convert/ (every import
 statement counted, function-level ones included):
 
-    text/  sharding  cli  runtime  _platforms   leaf helpers
+    text/  sharding  cli  paths  runtime  _platforms   leaf helpers
     models/                  Flax modules, presets, attention sites: imports only models/ and sharding
     weights/                 on-disk formats <-> param trees: never a trainer, a run or an entry point
     face/  data/             face analysis; FGID records and tf.data: no sampler, trainer or run
@@ -122,7 +122,8 @@ def test_leaf_helpers_stay_leaves():
     g = import_graph()
     assert _violations(g, "cid_jax.text", allowed=("cid_jax.text", "cid_jax.cli")) == []
     assert g["cid_jax.cli"] == set() and g["cid_jax.sharding"] == set() and g["cid_jax._platforms"] == set()
-    assert _violations(g, "cid_jax.runtime", allowed=("cid_jax.cli",)) == []
+    assert g["cid_jax.paths"] == set()
+    assert _violations(g, "cid_jax.runtime", allowed=("cid_jax.cli", "cid_jax.paths")) == []
 
 
 def test_build_and_run_sit_below_the_entry_points():

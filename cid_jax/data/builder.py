@@ -35,8 +35,7 @@ import inspect
 import json
 import os
 import pathlib
-import sys
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -422,13 +421,16 @@ class NoDataError(cli.MissingError):
     """The config names no usable dataset (the message says which flag to set)."""
 
 
-def dataset_for(config, workdir: os.PathLike | str, *, create: bool = True) -> pathlib.Path:
-    """The built FGID dataset a training config reads: `data.path` (a built dataset, or a tfds
-    data_dir holding exactly one), or with `data.synthetic=N` N synthetic faces built once into
-    <workdir>/data (`create=False`: only find them, e.g. on the hosts that did not build them)."""
+def dataset_for(config, workdir: os.PathLike | str, *, create: bool = True):
+    """The built FGID dataset a training config reads (an `epath.Path`, local or remote): `data.path`
+    (a built dataset, or a tfds data_dir holding exactly one), or with `data.synthetic=N` N synthetic
+    faces built once into <workdir>/data (`create=False`: only find them, e.g. on the hosts that did
+    not build them). On an object store they are built locally, then uploaded."""
+    from cid_jax import paths
+
     d = config.data
     if d.path:
-        path = pathlib.Path(d.path)
+        path = paths.path(d.path)
         if (path / "dataset_info.json").exists():
             return path
         if not path.exists():
@@ -443,21 +445,35 @@ def dataset_for(config, workdir: os.PathLike | str, *, create: bool = True) -> p
         raise NoDataError("no training data: set --config.data.path to a built FGID dataset "
                           "(python -m cid_jax.data.builder ...) or --config.data.synthetic=N for N "
                           "synthetic faces")
-    data_dir = pathlib.Path(workdir) / "data"
-    synthetic = FgidSynthetic(num=int(d.synthetic), seed=int(config.seed), size=max(int(d.resolution), 128),
-                              data_dir=os.fspath(data_dir))
-    if create:
-        return build(synthetic, progress=False).dataset_dir
-    found = pathlib.Path(synthetic.data_dir)
-    if not (found / "dataset_info.json").exists():
+    import tempfile
+
+    data_dir = paths.path(workdir) / "data"
+    remote = paths.is_remote(data_dir)
+
+    def synthetic(root):
+        return FgidSynthetic(num=int(d.synthetic), seed=int(config.seed), size=max(int(d.resolution), 128),
+                             data_dir=os.fspath(root))
+
+    with tempfile.TemporaryDirectory(prefix="cid_jax-data-") as probe:  # where tfds puts it, under any root
+        found = data_dir / os.path.relpath(synthetic(probe).data_dir, probe)
+    if (found / "dataset_info.json").exists():
+        return found
+    if not create:
         raise NoDataError(f"no synthetic dataset in {found} (process 0 builds it)")
+    if not remote:
+        return paths.path(build(synthetic(data_dir), progress=False).dataset_dir)
+    with tempfile.TemporaryDirectory(prefix="cid_jax-data-") as tmp:  # tfds writes TFRecords with TF's GCS client
+        local = build(synthetic(tmp), progress=False).dataset_dir
+        paths.copy_tree(local, found)
     return found
 
 
-def dataset_dirs(data_dir: os.PathLike | str) -> Iterable[pathlib.Path]:
+def dataset_dirs(data_dir: os.PathLike | str) -> list:
     """Built dataset folders (those with a dataset_info.json) under a tfds data_dir:
     `<name>/<version>`, or `<name>/<config>/<version>` for the synthetic builder."""
-    return sorted(p.parent for p in pathlib.Path(data_dir).glob("**/dataset_info.json"))
+    from cid_jax import paths
+
+    return sorted(p.parent for p in paths.path(data_dir).glob("**/dataset_info.json"))
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-import tempfile
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -219,27 +218,11 @@ def read_sharded_folder(folder: os.PathLike, stem: str) -> LazyStateDict:
 
 
 def atomic_write(path: os.PathLike, write: Callable[[str], None]) -> None:
-    """Calls `write(tmp_path)` next to `path`, then renames: a crash never leaves half a file.
+    """Calls `write(tmp_path)`, then the file appears whole at `path` (local or remote): a crash
+    never leaves half a file (`cid_jax.paths.write_atomic`)."""
+    from cid_jax import paths
 
-    The temporary file is removed on any failure (an exception, Ctrl-C, SIGTERM through the CLI
-    guard); one a killed process left behind (SIGKILL cannot be caught) is removed by the next
-    write of the same file. The result gets ordinary permissions (0666 less the umask), not
-    mkstemp's private 0600."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    paths.write_atomic(path, write)
 
 
 def write_safetensors_atomic(tensors: Mapping[str, np.ndarray], path: os.PathLike,

@@ -1,0 +1,164 @@
+"""Every path a user gives or a run writes, local or on an object store (`gs://`, `s3://`).
+
+One layer: etils `epath` (pathlib's interface over local files, and over object stores through
+fsspec: gcsfs for `gs://`, s3fs for `s3://` where installed). cid_jax never puts a user path
+through `pathlib`, which folds `gs://b/x` into a local folder `gs:/b/x`.
+
+epath would pick TensorFlow's own GCS filesystem when TensorFlow is installed; cid_jax asks for
+fsspec's instead (`EPATH_USE_TF=false`, set in `cid_jax/__init__.py` unless the user set it): one
+client for the run directory, the dataset and the weights, one that honours the standard
+`STORAGE_EMULATOR_HOST` (TensorFlow's ignores it) and Application Default Credentials on a pod.
+Orbax writes checkpoints through tensorstore, which has its own GCS driver
+(`TENSORSTORE_GCS_HTTP_URL` points it at an emulator).
+
+What a format needs as a local file (safetensors memory maps, torch.load, a tokenizer folder, ONNX)
+comes through `local_copy`: downloaded once into a cache, with a progress bar.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Callable, Union
+
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+def _no_stale_listings() -> None:
+    """fsspec keeps directory listings of object stores by default; the hosts of a run write into
+    the same folders (checkpoints), and a stale listing would hide a step another host committed."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_stale_listings()
+
+REMOTE_SCHEMES = ("gs://", "s3://")
+PathLike = Union[str, os.PathLike]
+_CHUNK = 16 << 20
+
+
+def is_remote(p: PathLike) -> bool:
+    return os.fspath(p).startswith(REMOTE_SCHEMES)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a storage error, whichever client raised it (OSError's strerror, an HTTP status
+    and message from gcsfs / google-cloud-storage, else the first line of the message)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def path(p: PathLike) -> epath.Path:
+    """A user's path as an epath.Path: `~` expanded for a local one, a URL kept whole."""
+    text = os.fspath(p)
+    return epath.Path(text if is_remote(text) else os.path.expanduser(text))
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+    """Streams one file between any two places (local or remote), without holding it in memory."""
+    src, dst = path(src), path(dst)
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, _CHUNK)
+
+
+def write_atomic(target: PathLike, write: Callable[[str], None]) -> None:
+    """`write(local_tmp)` then the file appears whole at `target`, or not at all: a local rename,
+    or one upload (an object store publishes an object only when its upload completes).
+
+    Locally the temporary file sits beside the target and one a killed process left behind is
+    removed by the next write of the same file; the result gets 0666 less the umask."""
+    target = path(target)
+    if is_remote(target):
+        with tempfile.TemporaryDirectory(prefix="cid_jax-upload-") as tmp_dir:
+            tmp = os.path.join(tmp_dir, target.name)
+            write(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy_file(tmp, target)
+        return
+    local = pathlib.Path(target)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    for stale in local.parent.glob(f".{local.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(target: PathLike, text: str) -> None:
+    write_atomic(target, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> None:
+    """Copies every file under `src` to the same place under `dst` (local or remote, either way)."""
+    src, dst = path(src), path(dst)
+    for root, _, files in src.walk():
+        for name in files:
+            rel = (root / name).relative_to(src)
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            copy_file(root / name, dst / rel)
+
+
+def move_tree(src: PathLike, dst: PathLike) -> None:
+    """Moves a folder (an object store has no folder rename: every object is copied, then deleted)."""
+    src, dst = path(src), path(dst)
+    if not is_remote(src):
+        pathlib.Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(os.fspath(src), os.fspath(dst))
+        return
+    copy_tree(src, dst)
+    src.rmtree()
+
+
+def cache_root() -> pathlib.Path:
+    """Where remote inputs are copied: `$CID_JAX_REMOTE_CACHE`, else `~/.cache/cid_jax/remote`."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cid_jax", "remote")
+    return pathlib.Path(os.environ.get("CID_JAX_REMOTE_CACHE", default))
+
+
+def local_copy(p: PathLike) -> pathlib.Path:
+    """A local path for `p`: itself when local; for a remote file or folder, a copy in `cache_root()`
+    made once (a marker says it is complete; an interrupted copy is redone), with a progress bar."""
+    if not is_remote(p):
+        return pathlib.Path(os.path.expanduser(os.fspath(p)))
+    src = path(p)
+    key = hashlib.sha256(os.fspath(src).encode()).hexdigest()[:16]
+    dst = cache_root() / key / src.name
+    done = dst.parent / ".complete"
+    if done.exists():
+        return dst
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    files = [src] if not src.is_dir() else [r / n for r, _, names in src.walk() for n in names]
+    total = sum(f.stat().length for f in files)
+    from tqdm import tqdm
+
+    log.info("copying %s (%d file(s), %.1f MiB) to %s", src, len(files), total / 2**20, dst)
+    shutil.rmtree(dst.parent, ignore_errors=True)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"copying {src.name}", leave=False) as bar:
+        for f in files:
+            out = dst if f == src else dst / f.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with f.open("rb") as fin, open(out, "wb") as fout:
+                while chunk := fin.read(_CHUNK):
+                    fout.write(chunk)
+                    bar.update(len(chunk))
+    done.touch()
+    return dst

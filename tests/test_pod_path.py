@@ -1,0 +1,227 @@
+"""The pod path against a real GCS API (tests/gcs_emulator.py on 127.0.0.1): a run directory and a
+dataset on `gs://`, one writer per run (the lease), coordinated preemption of several processes,
+resuming on another number of processes, the readers of a remote run, and a store that fails.
+
+The reference for every "equal" is one uninterrupted single-process run on local files; the
+multi-process runs (launch/local_multiprocess.py: 2 processes x 4 CPU devices, the same 8-device
+mesh) sum the gradient over processes in another order, so they match it to float32 rounding of a
+few AdamW steps, not bit for bit (see `close`)."""
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("gcp_storage_emulator")
+pytest.importorskip("gcsfs")
+
+from cid_jax import cli, export, paths, run, trainer  # noqa: E402
+from tests import gcs_emulator  # noqa: E402
+from tests.helpers import REPO, train_config  # noqa: E402
+
+BUCKET = "cid-pod"
+STEPS = 6
+LEASE_TTL_S = 4  # subprocesses' lease: a killed run's lease goes stale within seconds
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    with gcs_emulator.running(BUCKET) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def datasets(gcs, tmp_path_factory):
+    """(local dataset, the same dataset uploaded to gs://)."""
+    from cid_jax.data import builder
+
+    local = builder.build_synthetic(tmp_path_factory.mktemp("fgid"), num=48, seed=3, size=64,
+                                    progress=False).dataset_dir
+    remote = f"gs://{BUCKET}/datasets/fgid"
+    paths.copy_tree(local, remote)
+    return local, remote
+
+
+def config(data, steps=STEPS):
+    c = train_config(data, steps)
+    c.checkpoint.every_steps = 2
+    c.train.image_every = 3
+    return c
+
+
+@pytest.fixture(scope="module")
+def reference(datasets, tmp_path_factory):
+    """One uninterrupted single-process run on local files: the trainable params every other run must reach."""
+    local, _ = datasets
+    return trainer.train(config(local), tmp_path_factory.mktemp("reference")).trainable
+
+
+def close(params, want):
+    """Equal up to the order of the cross-process gradient sum (float32): after a few AdamW steps of
+    lr 1e-3 a rounding difference in a gradient moves a parameter by far less than 1e-5."""
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, want)
+
+
+def two_hosts(workdir, data, steps, wait=False):
+    """launch/local_multiprocess.py: 2 processes x 4 CPU devices training `workdir` (the processes,
+    or with `wait` their exit code)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import local_multiprocess
+
+    env = dict(os.environ, CID_JAX_LEASE_TTL_S=str(LEASE_TTL_S))
+    flags = [f"--config={REPO / 'tests' / 'train_test_config.py'}", "--config.checkpoint.every_steps=2",
+             "--config.train.image_every=0", f"--workdir={workdir}", f"--config.data.path={data}",
+             f"--config.train.num_steps={steps}"]
+    if wait:
+        return local_multiprocess.launch(2, 4, flags, env=env)
+    return local_multiprocess.start(2, 4, flags, env=env)
+
+
+def wait_for(predicate, timeout=600, what="condition"):
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def steps_saved(workdir) -> list[int]:
+    ckpts = paths.path(workdir) / "checkpoints"
+    if not ckpts.exists():
+        return []
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+# ------------------------------------------------------------------------------------ one host
+
+
+def test_a_run_and_its_data_on_gcs(gcs, datasets, reference, tmp_path, monkeypatch):
+    """Workdir and dataset on gs://: the same params as on local files; every run-level file lands
+    in the bucket (nothing in a local folder named `gs:`); the readers take the gs:// run."""
+    _, remote = datasets
+    monkeypatch.chdir(tmp_path)
+    workdir = f"gs://{BUCKET}/runs/single"
+    result = trainer.train(config(remote), workdir)
+    jax.tree.map(np.testing.assert_array_equal, result.trainable, reference)  # same mesh, same data: bitwise
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())  # no local `gs:` folder
+
+    root = paths.path(workdir)
+    assert steps_saved(workdir) == [4, 6]  # keep=2 of every 2 steps
+    assert json.loads((root / "config.json").read_text())["data"]["path"] == remote
+    lines = [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+    assert list((root / "tensorboard").glob("events.out.tfevents.*"))
+    assert (root / "loss_curves.png").exists() and list((root / "images").glob("attention_*.png"))
+    assert (root / "frozen.safetensors").exists() and not (root / ".lock").exists()  # the lease is released
+
+    # Readers: restore, export to gs://, generate from the gs:// run with a gs:// photo, to gs://.
+    _, params, step = run.restore_trainable(run.RunDir(workdir))
+    assert step == STEPS
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    out = f"gs://{BUCKET}/exports/single.safetensors"
+    export.to_pytorch(workdir, out)
+    from safetensors.numpy import load
+
+    exported = load(paths.path(out).read_bytes())
+    assert exported and all(np.isfinite(v).all() for v in exported.values())
+
+    import skimage.data
+    from PIL import Image
+
+    from cid_jax import generate
+
+    photo = f"gs://{BUCKET}/photos/astronaut.png"
+    paths.write_atomic(photo, lambda tmp: Image.fromarray(skimage.data.astronaut()).save(tmp, format="PNG"))
+    image_out = f"gs://{BUCKET}/images/out.png"
+    assert generate.main([f"--checkpoint={workdir}", f"--image={photo}", "--prompt=a portrait", "--steps=2",
+                          "--merge_step=1", "--height=64", "--width=64", f"--out={image_out}"]) == 0
+    with paths.path(image_out).open("rb") as f:
+        assert np.asarray(Image.open(f)).shape == (64, 64, 3)
+
+
+def test_one_writer_per_run_on_gcs(gcs, datasets, caplog):
+    """A live lease refuses a second training command at once; a stale one is taken over, with a log line."""
+    _, remote = datasets
+    workdir = f"gs://{BUCKET}/runs/leased"
+    lease = paths.path(workdir) / ".lock"
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    lease.write_text(json.dumps(dict(holder="pid 1 on host-a", token="t", renewed=time.time(), ttl_s=300)))
+    t0 = time.time()
+    with pytest.raises(cli.BusyError, match="host-a"):
+        trainer.train(config(remote, 1), workdir)
+    assert time.time() - t0 < 30 and not (paths.path(workdir) / "checkpoints").exists()  # refused before any work
+
+    lease.write_text(json.dumps(dict(holder="pid 1 on host-a", token="t", renewed=time.time() - 3600, ttl_s=300)))
+    with caplog.at_level("WARNING"):
+        assert trainer.train(config(remote, 1), workdir).step == 1
+    assert "took over the lease of pid 1 on host-a" in caplog.text
+    assert not lease.exists()
+
+
+def test_store_errors_are_one_line(gcs, datasets):
+    _, remote = datasets
+    with pytest.raises(cli.InputError, match=r"gs://no-such-bucket-x/run cannot be written \(.*\)"):
+        trainer.train(config(remote, 1), "gs://no-such-bucket-x/run")
+    with pytest.raises(cli.MissingError, match="gs://cid-pod/nowhere"):
+        trainer.validate(config(f"gs://{BUCKET}/nowhere"))
+
+
+# ----------------------------------------------------------------------------------- many hosts
+
+
+def test_sigterm_on_one_host_stops_all_at_one_step_and_resumes_on_one(gcs, datasets, reference):
+    """SIGTERM to process 1 only: both save the same step and exit 0; the run then resumes on one
+    process (another slice) and ends where the uninterrupted run ended."""
+    _, remote = datasets
+    workdir = f"gs://{BUCKET}/runs/preempted"
+    procs = two_hosts(workdir, remote, STEPS)
+    try:
+        wait_for(lambda: steps_saved(workdir), what="the first checkpoint")
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    saved = steps_saved(workdir)
+    stopped = saved[-1]
+    listing = sorted(str(x) for x in (paths.path(workdir) / "checkpoints").glob("*/*"))
+    assert 2 <= stopped < STEPS, (saved, listing)
+    metrics = [json.loads(x)["step"] for x in (paths.path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1] == stopped  # both stopped at the step they saved
+
+    resumed = trainer.train(config(remote), workdir)  # one process, 8 devices
+    assert resumed.history[0]["step"] == stopped + 1 and resumed.step == STEPS
+    close(resumed.trainable, reference)
+
+
+def test_one_host_run_continued_by_two_and_a_killed_run_rerun(gcs, datasets, reference):
+    """Resume on another slice the other way (1 process -> 2), and kill -9 of both hosts mid-run:
+    the rerun (here by one process) resumes from the last complete step and ends as the
+    uninterrupted run."""
+    _, remote = datasets
+    grown = f"gs://{BUCKET}/runs/grown"
+    assert trainer.train(config(remote, 3), grown).step == 3
+    assert two_hosts(grown, remote, STEPS, wait=True) == 0
+    _, params, step = run.restore_trainable(run.RunDir(grown))
+    assert step == STEPS
+    close(params, reference)
+
+    killed = f"gs://{BUCKET}/runs/killed"
+    procs = two_hosts(killed, remote, STEPS)
+    try:
+        wait_for(lambda: steps_saved(killed), what="the first checkpoint")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert steps_saved(killed)[-1] < STEPS
+    time.sleep(LEASE_TTL_S + 1)  # the killed run's lease goes stale
+    resumed = trainer.train(config(remote), killed)
+    assert resumed.step == STEPS
+    close(resumed.trainable, reference)
