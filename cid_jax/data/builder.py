@@ -473,7 +473,8 @@ def dataset_dirs(data_dir: os.PathLike | str) -> list:
     `<name>/<version>`, or `<name>/<config>/<version>` for the synthetic builder."""
     from cid_jax import paths
 
-    return sorted(p.parent for p in paths.path(data_dir).glob("**/dataset_info.json"))
+    root = paths.path(data_dir)  # walk, not glob("**"): epath refuses recursive globs (an RPC per folder on GCS)
+    return sorted(folder for folder, _, files in root.walk() if "dataset_info.json" in files) if root.is_dir() else []
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -142,9 +142,10 @@ class RecordSource:
         self.dataset_dir = epath.Path(dataset_dir)  # local or remote (gs://...)
         if not (self.dataset_dir / "dataset_info.json").exists():
             hint = ""
-            found = sorted(self.dataset_dir.glob("**/dataset_info.json")) if self.dataset_dir.exists() else []
+            found = ([folder for folder, _, files in self.dataset_dir.walk() if "dataset_info.json" in files]
+                     if self.dataset_dir.is_dir() else [])  # epath refuses glob("**")
             if found:
-                hint = f"; did you mean {found[0].parent}?"
+                hint = f"; did you mean {sorted(found)[0]}?"
             raise cli.MissingError(f"{self.dataset_dir} is not a built FGID dataset (no dataset_info.json){hint}")
         self.builder = tfds.builder_from_directory(os.fspath(self.dataset_dir))
         if split not in self.builder.info.splits:
