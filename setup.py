@@ -38,7 +38,7 @@ EXTRAS = {
     "app": ["gradio>=6.0", "gradio_client>=2.0"],
     # Tests; the browser test drives Debian's chromium + chromedriver through selenium; the pod-path
     # tests run a GCS JSON-API emulator on 127.0.0.1.
-    "dev": ["pytest>=8", "selenium>=4.20", "gcp-storage-emulator>=2026.7.19"],
+    "dev": ["pytest>=8", "pytest-xdist>=3.6", "selenium>=4.20", "gcp-storage-emulator>=2026.7.19"],
 }
 EXTRAS["all"] = sorted({d for k, deps in EXTRAS.items() if k != "tpu" for d in deps})
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli, paths, runtime
+from cid_jax import errors, paths, runtime
 from cid_jax.models import adapters, presets
 from cid_jax.models.attention import default_plan
 from cid_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
@@ -47,7 +47,7 @@ PARTS = ("unet", "vae", "text", "vision")
 _INIT_KERNEL = "fused"
 
 
-class MissingWeightsError(cli.MissingError):
+class MissingWeightsError(errors.MissingError):
     """A configured base-model folder (or one of its config.json files) does not exist."""
 
 

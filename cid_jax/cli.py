@@ -1,16 +1,11 @@
-"""What every command-line tool shares: user errors, exit codes, flag spelling, the top-level guard.
+"""What every command-line tool shares: presenting user errors, flag spelling, the top-level guard.
 
-Exit codes (the same for every tool):
-
-    0  done
-    1  the job ran and failed (`cid_jax.aot`: the step does not fit the chip)
-    2  bad input: a flag, config field, file format or photo that cannot work (argparse's own code)
-    3  something named does not exist: a file, folder or weights
-    4  the run directory is in use by another training process
-
-A `UserError` (`InputError` for a value that cannot work, `MissingError` for something that does
-not exist; `WeightsError`, `NoFaceFoundError`, ... are subclasses) is a problem the user can fix; the guard (`entry_point`, `guarded`) prints it as one line naming the fix, with no traceback.
-`--debug` (or `CID_DEBUG=1`) shows the traceback instead.
+The user-error classes and exit codes live in `cid_jax.errors` (re-exported here): a `UserError`
+(`InputError` for a value that cannot work, `MissingError` for something that does not exist;
+`WeightsError`, `NoFaceFoundError`, ... are subclasses) is a problem the user can fix; the guard
+(`entry_point`, `guarded`) prints it as one line naming the fix, with no traceback, and so it does
+an OS error (a path that does not exist, cannot be written, a full disk). `--debug` (or
+`CID_DEBUG=1`) shows the traceback instead.
 
 Flags are spelled with underscores (`--image_encoder`, as absl's `--config.x.y` must be); every
 long flag also answers to its dashed spelling (`--image-encoder`), the older one of some tools.
@@ -27,43 +22,13 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_MISSING = 3
-EXIT_BUSY = 4
-EXIT_NO_FACE = EXIT_USAGE  # a photo without a usable face is bad input
+from cid_jax.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_MISSING, EXIT_NO_FACE, EXIT_OK,  # noqa: F401 - re-exported
+                            EXIT_USAGE, BusyError, InputError, MissingError, UserError)
 
-
-class UserError(Exception):
-    """A problem the user can fix (missing file, bad option): printed without a traceback."""
-    code = EXIT_USAGE
-
-    def __init__(self, message: str, code: Optional[int] = None):
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class InputError(UserError, ValueError):
-    """A value the user gave (a flag, a config field, a file's content) cannot work."""
-
-
-class MissingError(UserError, FileNotFoundError):
-    """A file, folder or weights that the user named (or a config needs) does not exist."""
-    code = EXIT_MISSING
-
-    def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror)
-        return str(self.args[0]) if self.args else ""
-
-
-class BusyError(UserError):
-    """The run directory is held by another training process."""
-    code = EXIT_BUSY
-
-
-# Exceptions from the standard library that mean "the user pointed at the wrong place".
-_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# OS errors that mean "the user pointed at the wrong place" (exit 3); any other OSError (read-only
+# file system, full disk, a name already taken, a refused connection) is a place that cannot be
+# used (exit 2). Both are one line: the user, not the code, has to act.
+_MISSING_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def debug_requested(argv: Optional[Sequence[str]] = None) -> bool:
@@ -75,8 +40,10 @@ def report(name: str, error: BaseException) -> int:
     """Prints `error` as one line (plus its lines, for a multi-line message) and returns its exit code."""
     if isinstance(error, UserError):
         code = error.code
-    elif isinstance(error, _OS_ERRORS):
+    elif isinstance(error, _MISSING_OS_ERRORS):
         code = EXIT_MISSING
+    elif isinstance(error, OSError):
+        code = EXIT_USAGE
     else:
         code = EXIT_FAILED
     message = str(error) or type(error).__name__
@@ -114,7 +81,7 @@ def guarded(name: str, fn: Callable[[], int], debug: bool = False, *, sigterm: b
     except Terminated as e:
         print(f"{name}: terminated", file=sys.stderr)
         return e.code
-    except (UserError, *_OS_ERRORS) as e:
+    except (UserError, OSError) as e:
         if debug:
             traceback.print_exc()
         return report(name, e)

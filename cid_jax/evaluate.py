@@ -36,17 +36,19 @@ and with --checkpoint the images themselves under images/.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import re
 import sys
 import time
 from typing import Optional, Sequence
 
-from cid_jax import cli
+from cid_jax import cli, paths
 
 log = logging.getLogger("cid_jax.evaluate")
 
@@ -99,9 +101,18 @@ def read_references(folder: str) -> dict[str, pathlib.Path]:
     return refs
 
 
-def class_words(references_dir: str) -> dict[str, str]:
+def class_words(references_dir) -> dict[str, str]:
+    """The references folder's `class_words.json` ({identity: class word}), if it has one."""
     path = pathlib.Path(references_dir).expanduser() / "class_words.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        words = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise cli.InputError(f"{path} is not valid JSON ({e}); write {{\"identity\": \"class word\", ...}}") from None
+    if not isinstance(words, dict) or not all(isinstance(v, str) for v in words.values()):
+        raise cli.InputError(f"{path} must map each identity to its class word: {{\"identity\": \"woman\", ...}}")
+    return words
 
 
 def fill(prompt: str, word: str) -> str:
@@ -116,6 +127,30 @@ class Generated:
     seed: Optional[int] = None
 
 
+def read_manifest(manifest: pathlib.Path) -> list[Generated]:
+    """The rows of a --generated folder's manifest.csv (columns image, reference; prompt, seed optional)."""
+    try:
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("image", "reference") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise cli.InputError(f"{manifest} has no {' or '.join(missing)} column (columns: image, reference, "
+                                     "prompt, seed)")
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise cli.InputError(f"{manifest} is not a UTF-8 CSV file ({e.reason})") from None
+    out = []
+    for line, r in enumerate(rows, start=2):
+        seed = (r.get("seed") or "").strip()
+        if seed and not seed.lstrip("-").isdigit():
+            raise cli.InputError(f"{manifest} line {line}: seed={seed!r} is not an integer")
+        if not r.get("image"):
+            raise cli.InputError(f"{manifest} line {line}: no image")
+        out.append(Generated(manifest.parent / r["image"], r["reference"], r.get("prompt") or None,
+                             int(seed) if seed else None))
+    return out
+
+
 def read_generated(folder: str, references: dict, prompts: Optional[list[str]], words: dict,
                    default_word: str) -> list[Generated]:
     """The images of a --generated folder (see the module docstring), each with its reference and prompt."""
@@ -124,10 +159,7 @@ def read_generated(folder: str, references: dict, prompts: Optional[list[str]], 
         raise cli.MissingError(f"--generated={folder} is not a folder")
     manifest = root / "manifest.csv"
     if manifest.is_file():
-        with open(manifest, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        out = [Generated(root / r["image"], r["reference"], r.get("prompt") or None,
-                         int(r["seed"]) if r.get("seed") not in (None, "") else None) for r in rows]
+        out = read_manifest(manifest)
     else:
         out = []
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -293,9 +325,20 @@ def contact_sheet(references: dict, generated: list[Generated], path: pathlib.Pa
     sheet.save(path)
 
 
+def finite_or_null(value):
+    """`value` with every NaN/inf float as None: JSON has no NaN (an interval of one identity is NaN)."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_outputs(out: pathlib.Path, result: dict, rows: list, references, generated, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / "metrics.json").write_text(json.dumps(finite_or_null(result), indent=1, allow_nan=False))
     (out / "report.md").write_text(report_markdown(result, name, len(generated), len(references)))
     keys = ["image", "reference", "prompt", "seed", "clip_t", "clip_i", "dino", "facesim", "fgis",
             "fgis_regions", "no_face"]
@@ -358,13 +401,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.setup_logging()
     args = parse_args(argv)
     check_args(args)
-    from cid_jax import metrics, runtime
+    from cid_jax import runtime
 
     runtime.cache_from_args(args)
-
-    out = pathlib.Path(args.out).expanduser()
-    references = read_references(args.references)
+    check_out(args.out)
     prompts = read_prompts(args.prompts)
+    args.name = args.name or paths.path(args.checkpoint or args.generated).name
+    with contextlib.ExitStack() as stack:  # remote inputs are downloaded, a remote --out is uploaded at the end
+        args.references = stack.enter_context(paths.local_folder(args.references))
+        if args.generated:
+            args.generated = stack.enter_context(paths.local_folder(args.generated))
+        out = stack.enter_context(paths.staged_folder(args.out))
+        evaluate(args, prompts, out)
+    return 0
+
+
+def check_out(out: str) -> None:
+    """--out is a folder this run can write, found out before any work."""
+    if paths.path(out).is_file():
+        raise cli.InputError(f"--out={out} is a file; give a folder for report.md, metrics.json, ...")
+    paths.check_writable(out, "--out")
+
+
+def evaluate(args, prompts, out: pathlib.Path) -> None:
+    """Generates (with --checkpoint) or reads (--generated) the images, scores them, writes `out`."""
+    from cid_jax import metrics
+
+    references = read_references(args.references)
     words = class_words(args.references)
     t0 = time.perf_counter()
     models = metrics.load_metric_models(clip_model=args.clip_model, dino_model=args.dino_model,
@@ -378,11 +441,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         generated, timing = read_generated(args.generated, references, prompts, words, args.class_word), None
     result, rows = score(models, references, generated, timing)
-    name = args.name or pathlib.Path(args.checkpoint or args.generated).name
-    write_outputs(out, result, rows, references, generated, name)
+    write_outputs(out, result, rows, references, generated, args.name)
     log.info("scored %d images in %.1f s; wrote %s", len(generated), time.perf_counter() - t0, out / "report.md")
     print((out / "report.md").read_text())
-    return 0
 
 
 if __name__ == "__main__":

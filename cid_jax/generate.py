@@ -409,7 +409,12 @@ def read_prompts_file(path: str, flag: str = "--prompts_file") -> list[str]:
     p = paths.path(path)
     if not p.is_file():
         raise cli.MissingError(f"{flag}={path} does not exist")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise cli.InputError(f"{flag}={path} is not a UTF-8 text file ({e.reason} at byte {e.start}); give one "
+                             "prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise cli.InputError(f"{flag}={path} holds no prompt (one per line)")
     return prompts
@@ -483,6 +488,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_args(args)
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     seeds = seeds_of(args)
+    if paths.path(args.out).is_dir():
+        raise cli.InputError(f"--out={args.out} is a folder; give the PNG file to write")
+    paths.check_writable(paths.path(args.out).parent, "--out")  # before the work, not after it
     from cid_jax import runtime
 
     runtime.cache_from_args(args)

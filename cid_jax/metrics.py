@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import errors
 
 METRICS = ("clip_t", "clip_i", "dino", "facesim", "fgis", "fid", "kid", "s_per_image")
 # The flag that enables each metric (for `skipped` entries).
@@ -143,7 +143,7 @@ def load_metric_models(*, clip_model: Optional[str] = None, dino_model: Optional
     for flag, value in (("--clip_model", clip_model), ("--dino_model", dino_model),
                         ("--face_models", face_models), ("--inception", inception)):
         if value and not pathlib.Path(value).expanduser().exists():
-            raise cli.MissingError(f"{flag}={value} does not exist")
+            raise errors.MissingError(f"{flag}={value} does not exist")
     if clip_model:
         from cid_jax.text import CLIPTokenizer
         from cid_jax.weights.clip import load_clip_text_with_projection, load_clip_vision_with_projection

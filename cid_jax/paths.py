@@ -16,13 +16,14 @@ comes through `local_copy`: downloaded once into a cache, with a progress bar.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 from etils import epath
 
@@ -62,6 +63,25 @@ def path(p: PathLike) -> epath.Path:
     """A user's path as an epath.Path: `~` expanded for a local one, a URL kept whole."""
     text = os.fspath(p)
     return epath.Path(text if is_remote(text) else os.path.expanduser(text))
+
+
+def check_writable(folder: PathLike, flag: str) -> None:
+    """`folder` can be created and written: tried (a probe file written and removed), not inferred
+    from permission bits, which root ignores, or from a bucket's policy. Tools call it before their
+    work, so a read-only disk or an unknown bucket is one line naming `flag`, not work lost after."""
+    import uuid
+
+    from cid_jax import errors
+
+    folder = path(folder)
+    probe = folder / f".write-test-{uuid.uuid4().hex}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - OSError locally; each object store client has its own
+        raise errors.InputError(f"{flag}={folder} cannot be written ({describe_error(e)}); pick a place you "
+                                "can write to") from None
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:
@@ -125,6 +145,37 @@ def move_tree(src: PathLike, dst: PathLike) -> None:
         return
     copy_tree(src, dst)
     src.rmtree()
+
+
+@contextlib.contextmanager
+def local_folder(p: PathLike) -> Iterator[pathlib.Path]:
+    """A local folder holding what `p` holds: `p` itself, or for a remote folder a fresh download
+    (a tool's inputs such as photos to score change between runs, unlike `local_copy`'s weights)."""
+    if not is_remote(p):
+        yield pathlib.Path(os.path.expanduser(os.fspath(p)))
+        return
+    if not path(p).is_dir():
+        from cid_jax import errors
+
+        raise errors.MissingError(f"{p} is not a folder")
+    with tempfile.TemporaryDirectory(prefix="cid_jax-download-") as tmp:
+        copy_tree(p, tmp)
+        yield pathlib.Path(tmp)
+
+
+@contextlib.contextmanager
+def staged_folder(p: PathLike) -> Iterator[pathlib.Path]:
+    """A local folder to write a tool's outputs in: `p` itself, or for a remote `p` a temporary
+    folder uploaded to `p` when the block ends without an error."""
+    if not is_remote(p):
+        local = pathlib.Path(os.path.expanduser(os.fspath(p)))
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="cid_jax-upload-") as tmp:
+        yield pathlib.Path(tmp)
+        log.info("uploading to %s", p)
+        copy_tree(tmp, p)
 
 
 def cache_root() -> pathlib.Path:

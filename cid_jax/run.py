@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cid_jax import cli, paths
+from cid_jax import errors, paths
 from cid_jax import build as build_lib
 
 
@@ -111,7 +111,7 @@ def read_config(run: RunDir):
         data = json.loads(meta.read_text())
         if "config" in data:
             return config_from_json(data["config"])
-    raise cli.MissingError(f"{run.root} has no config.json (nor a checkpoint with a saved config): "
+    raise errors.MissingError(f"{run.root} has no config.json (nor a checkpoint with a saved config): "
                             "is it a cid_jax training run directory?")
 
 
@@ -169,7 +169,7 @@ def save(manager, state, config, *, force: bool = False) -> bool:
                                                       meta=ocp.args.JsonSave(meta)), force=force)
 
 
-class CheckpointError(cli.InputError):
+class CheckpointError(errors.InputError):
     """A checkpoint cannot be read (names the step and the cause)."""
 
 
@@ -300,14 +300,14 @@ def restore_trainable(run: RunDir, step: Optional[int] = None):
     checkpoint; an unreadable one is logged and the next older one used."""
     config = read_config(run)
     if not run.checkpoints.is_dir():
-        raise cli.MissingError(f"no checkpoints/ under {run.root}")
+        raise errors.MissingError(f"no checkpoints/ under {run.root}")
     manager = checkpoint_manager(run, read_only=True)
     try:
         available = sorted(manager.all_steps(), reverse=True)
         if not available:
-            raise cli.MissingError(f"no checkpoint under {run.checkpoints}")
+            raise errors.MissingError(f"no checkpoint under {run.checkpoints}")
         if step is not None and step not in available:
-            raise cli.MissingError(f"no checkpoint {step} under {run.checkpoints} (steps: {sorted(available)})")
+            raise errors.MissingError(f"no checkpoint {step} under {run.checkpoints} (steps: {sorted(available)})")
         steps = [step] if step is not None else available
         for k, s in enumerate(steps):
             try:
@@ -413,7 +413,7 @@ def read_init_from(config) -> dict:
     from cid_jax.weights import consistentid as cw
 
     if not paths.path(config.model.init_from).exists():
-        raise cli.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
+        raise errors.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
     path = paths.local_copy(config.model.init_from)  # torch.load / safetensors read a local file
     layout = build_lib.checkpoint_layout(config)
     if path.suffix == ".msgpack":
@@ -430,7 +430,7 @@ def read_init_from(config) -> dict:
     if params.get("facial_encoder") is not None:
         pairing = meta.get("pairing", "reference")  # the released weights carry no metadata
         if pairing != config.data.pairing:
-            raise cli.InputError(
+            raise errors.InputError(
                 f"--config.model.init_from={path} pairs part images with facial words '{pairing}', this config "
                 f"'{config.data.pairing}': add --config.data.pairing={pairing} (its FacialEncoder learned that "
                 "pairing)")
@@ -450,7 +450,7 @@ def initial_trainable(model, config, frozen_unet, init_params: Optional[Mapping]
             continue
         expected = jax.tree.structure(fresh[group])
         if jax.tree.structure(value) != expected:  # read_init_from checked keys and shapes already
-            raise cli.InputError(f"--config.model.init_from: the {group} group does not fit this model's tree")
+            raise errors.InputError(f"--config.model.init_from: the {group} group does not fit this model's tree")
         fresh[group] = jax.tree.map(lambda x: np.asarray(x, np.float32), value)
     return fresh
 
@@ -485,7 +485,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise cli.BusyError(f"{self.run.root} is being trained by another process ({holder or 'unknown'}): "
+            raise errors.BusyError(f"{self.run.root} is being trained by another process ({holder or 'unknown'}): "
                                 "wait for it to finish, or give this run another --workdir") from None
         if holder:
             logging.warning("took over the lock of %s, which is no longer running", holder)
@@ -563,13 +563,13 @@ class ObjectLease(RunLock):
         if current is not None:
             age = time.time() - float(current.get("renewed", 0))
             if age < float(current.get("ttl_s", self.ttl_s)):
-                raise cli.BusyError(f"{self.run.root} is being trained by another process ({current.get('holder')}; "
+                raise errors.BusyError(f"{self.run.root} is being trained by another process ({current.get('holder')}; "
                                     f"its lease was renewed {age:.0f} s ago): wait for it to finish, or give this "
                                     "run another --workdir")
             logging.warning("took over the lease of %s on %s: not renewed for %.0f s", current.get("holder"),
                             self.run.root, age)
         if not self._write(generation):
-            raise cli.BusyError(f"{self.run.root}: another process took the run's lease at the same moment; "
+            raise errors.BusyError(f"{self.run.root}: another process took the run's lease at the same moment; "
                                 "give this run another --workdir")
         self._thread = threading.Thread(target=self._renew, name="cid_jax-lease", daemon=True)
         self._thread.start()
@@ -658,12 +658,12 @@ def check_resume_config(stored, new) -> None:
     show = lambda cs: "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in cs)  # noqa: E731
     structure = [c for c in changes if _matches(c[0], STRUCTURE_FIELDS)]
     if structure:
-        raise cli.InputError(
+        raise errors.InputError(
             f"this run's checkpoints were made with another model or optimizer: {show(structure)}. Resume with "
             "the run's values, or start a new --workdir (to start from this run's weights, export them and "
             "pass --config.model.init_from=FILE)")
     if not bool(new.train.get("allow_config_change", False)):
-        raise cli.InputError(
+        raise errors.InputError(
             f"the config differs from the one this run was started with: {show(changes)}. Resume with the "
             "run's values, or add --config.train.allow_config_change=True to continue with the new ones")
     logging.warning("resuming with a changed config (allowed): %s", show(changes))

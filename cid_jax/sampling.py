@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli, runtime, schedulers
+from cid_jax import errors, runtime, schedulers
 from cid_jax.data import masks as masks_lib
 from cid_jax.models.consistentid import ConsistentID
 from cid_jax.models.vae import AutoencoderKL
@@ -313,7 +313,7 @@ class Generator:
 def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:
     f = model.vae.config.downscale
     if height % f or width % f:
-        raise cli.InputError(f"height/width ({height}x{width}) must be multiples of the VAE factor {f}")
+        raise errors.InputError(f"height/width ({height}x{width}) must be multiples of the VAE factor {f}")
     return height // f, width // f, model.unet.config.in_channels
 
 

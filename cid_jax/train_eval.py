@@ -26,7 +26,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cid_jax import cli, paths
+from cid_jax import errors, paths
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def photo_references(config) -> list[EvalReference]:
         try:
             face = pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[config.model.variant].parse_size),
                                  analyzer.id_embedding(photo))
-        except cli.UserError as err:
+        except errors.UserError as err:
             raise type(err)(f"--config.eval.references: {path}: {err}") from None
         out.append(EvalReference(name, photo, words.get(name, e.class_word), face))
     return out

@@ -28,7 +28,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from cid_jax import build as build_lib
-from cid_jax import cli, config_base, losses, paths, run as run_lib, runtime, schedulers, sharding, train_eval
+from cid_jax import config_base, errors, losses, paths, run as run_lib, runtime, schedulers, sharding, train_eval
 from cid_jax.models.consistentid import ConsistentID
 
 
@@ -44,15 +44,15 @@ class TrainState:
 
 def step_batch(config, n_devices: int) -> int:
     """Samples per jitted step (global_batch / grad_accum), checked to give each of `n_devices` a
-    whole share and the mesh to fit them; `cli.InputError` (a ValueError) with the fix otherwise."""
+    whole share and the mesh to fit them; `errors.InputError` (a ValueError) with the fix otherwise."""
     accum = max(1, int(config.optim.grad_accum))
     gb, fsdp, data = int(config.train.global_batch), int(config.mesh.fsdp), int(config.mesh.data)
     if n_devices % fsdp or (data != -1 and data * fsdp != n_devices):
-        raise cli.InputError(f"mesh data={data} x fsdp={fsdp} does not fit the {n_devices} devices: keep "
+        raise errors.InputError(f"mesh data={data} x fsdp={fsdp} does not fit the {n_devices} devices: keep "
                              f"--config.mesh.data=-1 and pick an --config.mesh.fsdp that divides {n_devices}")
     if gb % accum or (gb // accum) % n_devices:
         per = n_devices * accum
-        raise cli.InputError(f"--config.train.global_batch={gb} with grad_accum={accum} does not give every "
+        raise errors.InputError(f"--config.train.global_batch={gb} with grad_accum={accum} does not give every "
                              f"one of the {n_devices} devices a whole sample per step: use a multiple of {per}, "
                              f"e.g. --config.train.global_batch={per} (1 sample per device per step)")
     return gb // accum
@@ -64,37 +64,21 @@ def validate(config, workdir=None) -> None:
     folders, `init_from`, and whether the run directory can be written."""
     problems = config_base.config_problems(config)
     if problems:
-        raise cli.InputError(f"{len(problems)} config value(s) cannot work:\n  " + "\n  ".join(problems))
+        raise errors.InputError(f"{len(problems)} config value(s) cannot work:\n  " + "\n  ".join(problems))
     step_batch(config, jax.device_count())
     build_lib.check_weight_folders(config)
     if config.model.get("init_from") and not paths.path(config.model.init_from).exists():
-        raise cli.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
+        raise errors.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
     if config.data.path:
         from cid_jax.data import builder
 
         builder.dataset_for(config, workdir or ".", create=False)
     elif not config.data.synthetic:
         builder_hint = "python -m cid_jax.data.builder {reference,folder,synthetic} --out=DIR"
-        raise cli.InputError(f"no training data: set --config.data.path to a built FGID dataset ({builder_hint}) "
+        raise errors.InputError(f"no training data: set --config.data.path to a built FGID dataset ({builder_hint}) "
                              "or --config.data.synthetic=N for N synthetic faces")
     if workdir is not None:
-        _check_writable(paths.path(workdir))
-
-
-def _check_writable(workdir) -> None:
-    """The run directory can be created and written (tried, not inferred from permission bits, which
-    root ignores, or from a bucket's policy); nothing is left behind but the directory itself. An
-    unknown bucket or a refused write is one line naming the path and the store's answer."""
-    import uuid
-
-    probe = workdir / f".write-test-{uuid.uuid4().hex}"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except Exception as e:  # noqa: BLE001 - OSError locally; each object store client has its own
-        raise cli.InputError(f"--workdir={workdir} cannot be written ({paths.describe_error(e)}); pick a "
-                             "--workdir you can write to") from None
+        paths.check_writable(workdir, "--workdir")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -301,9 +285,9 @@ def _warn_if_disk_low(run: run_lib.RunDir, state_bytes: int) -> None:
                         "lower --config.checkpoint.keep", free / 2**30, run.checkpoints, state_bytes / 2**30)
 
 
-class SaveFailed(cli.UserError):
+class SaveFailed(errors.UserError):
     """A checkpoint could not be written (the cause is in the message; the run stopped cleanly)."""
-    code = cli.EXIT_FAILED
+    code = errors.EXIT_FAILED
 
 
 def _surface_save_errors(manager, run: run_lib.RunDir, step: int) -> None:
@@ -448,7 +432,7 @@ def _train(config, run: run_lib.RunDir, batches, observe, lock=None) -> RunResul
                 logging.warning("preemption: checkpoint of step %d saved; exiting", step)
                 break
             if lock is not None and lock.lost:
-                raise cli.BusyError(f"{lock.lost}; stopped at step {step}")
+                raise errors.BusyError(f"{lock.lost}; stopped at step {step}")
     except SaveFailed:
         save_failed = True
         raise

@@ -1,7 +1,8 @@
 """The layers of DESIGN.md hold, read from the import graph of cid_jax/ and convert/ (every import
 statement counted, function-level ones included):
 
-    text/  sharding  cli  paths  runtime  _platforms   leaf helpers
+    errors  text/  sharding  cli  paths  runtime  _platforms   leaf helpers (errors: the user-error
+                             classes every layer raises; cli presents them, for the tools only)
     models/                  Flax modules, presets, attention sites: imports only models/ and sharding
     weights/                 on-disk formats <-> param trees: never a trainer, a run or an entry point
     face/  data/             face analysis; FGID records and tf.data: no sampler, trainer or run
@@ -120,10 +121,21 @@ def test_face_and_data_import_no_sampler_trainer_or_run():
 
 def test_leaf_helpers_stay_leaves():
     g = import_graph()
-    assert _violations(g, "cid_jax.text", allowed=("cid_jax.text", "cid_jax.cli")) == []
-    assert g["cid_jax.cli"] == set() and g["cid_jax.sharding"] == set() and g["cid_jax._platforms"] == set()
-    assert g["cid_jax.paths"] == set()
+    assert _violations(g, "cid_jax.text", allowed=("cid_jax.text", "cid_jax.errors")) == []
+    assert g["cid_jax.errors"] == set() and g["cid_jax.cli"] == {"cid_jax.errors"}
+    assert g["cid_jax.sharding"] == set() and g["cid_jax._platforms"] == set()
+    assert g["cid_jax.paths"] <= {"cid_jax.errors"}
     assert _violations(g, "cid_jax.runtime", allowed=("cid_jax.cli", "cid_jax.paths")) == []
+
+
+def test_only_the_tools_present_errors():
+    """cid_jax.cli (flag parsing, the top-level guard) is for command-line modules; every library
+    layer raises `cid_jax.errors` and leaves the presenting to whichever tool called it."""
+    tools = ("cid_jax.train", "cid_jax.generate", "cid_jax.evaluate", "cid_jax.aot", "cid_jax.app",
+             "cid_jax.data.prepare", "cid_jax.data.builder", "cid_jax.data.synthetic", "convert")
+    g = import_graph()
+    users = sorted(m for m, deps in g.items() if "cid_jax.cli" in deps and not any(_in(m, t) for t in tools))
+    assert users == []
 
 
 def test_build_and_run_sit_below_the_entry_points():

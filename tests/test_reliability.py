@@ -293,17 +293,92 @@ def photos(tmp_path_factory):
     (["IMAGE=notes.txt"], 2, ["notes.txt is not a readable image"]),
     (["IMAGE=cut.jpg"], 2, ["cut.jpg is not a readable image"]),
     (["IMAGE=missing.jpg"], 3, ["missing.jpg does not exist"]),
-], ids=["nan_guidance", "zero_steps", "negative_steps", "height", "not_an_image", "truncated_jpeg", "missing"])
+    (["--prompts_file=PHOTOS/face.jpg"], 2, ["face.jpg is not a UTF-8 text file"]),
+    (["--out=/proc/cid_jax/out.png"], 2, ["--out=/proc/cid_jax cannot be written"]),
+    (["--out=PHOTOS"], 2, ["is a folder; give the PNG file"]),
+], ids=["nan_guidance", "zero_steps", "negative_steps", "height", "not_an_image", "truncated_jpeg", "missing",
+        "binary_prompts", "unwritable_out", "out_is_a_folder"])
 def test_bad_generation_input_is_one_line(trained, photos, flags, code, needles, capsys):
+    """Each refused before any model is loaded (an unwritable --out too: not after the images are made)."""
     from cid_jax import generate
 
     image = next((f.split("=", 1)[1] for f in flags if f.startswith("IMAGE=")), "face.jpg")
-    flags = [f for f in flags if not f.startswith("IMAGE=")]
+    flags = [f.replace("PHOTOS", str(photos)) for f in flags if not f.startswith("IMAGE=")]
     rc = generate.main([f"--checkpoint={trained}", f"--image={photos / image}", "--prompt=a portrait", *flags])
     err = capsys.readouterr().err
     assert rc == code and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, (needle, err)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+@pytest.fixture
+def scored_folder(photos, tmp_path):
+    """--references (one identity) and --generated (a manifest.csv) folders, both well formed."""
+    refs, generated = tmp_path / "refs", tmp_path / "generated"
+    refs.mkdir()
+    generated.mkdir()
+    shutil.copy(photos / "face.jpg", refs / "astronaut.jpg")
+    shutil.copy(photos / "face.jpg", generated / "0.jpg")
+    (generated / "manifest.csv").write_text("image,reference,prompt,seed\n0.jpg,astronaut,a portrait,1\n")
+    return refs, generated
+
+
+@pytest.mark.parametrize("damage,code,needle", [
+    ("out_is_a_file", 2, "is a file; give a folder"),
+    ("manifest_without_image", 2, "manifest.csv has no image column"),
+    ("seed_not_a_number", 2, "line 2: seed='abc' is not an integer"),
+    ("binary_prompts", 2, "is not a UTF-8 text file"),
+    ("bad_class_words", 2, "class_words.json is not valid JSON"),
+])
+def test_bad_evaluation_input_is_one_line(scored_folder, tmp_path, damage, code, needle, capsys):
+    """Refused before any metric model is loaded or image scored; nothing written to --out."""
+    from cid_jax import evaluate
+
+    refs, generated = scored_folder
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a portrait\n")
+    if damage == "out_is_a_file":
+        out.write_text("taken")
+    elif damage == "manifest_without_image":
+        (generated / "manifest.csv").write_text("picture,reference\n0.jpg,astronaut\n")
+    elif damage == "seed_not_a_number":
+        (generated / "manifest.csv").write_text("image,reference,seed\n0.jpg,astronaut,abc\n")
+    elif damage == "binary_prompts":
+        prompts.write_bytes(bytes(range(128, 256)))
+    elif damage == "bad_class_words":
+        (refs / "class_words.json").write_text("{astronaut: woman")
+    rc = evaluate.main([f"--generated={generated}", f"--references={refs}", f"--prompts={prompts}", f"--out={out}"])
+    err = capsys.readouterr().err
+    assert rc == code and "Traceback" not in err and needle in err, err
+    assert not (out.is_dir() and any(out.iterdir()))
+
+
+def test_metrics_json_is_valid_json_with_one_identity():
+    from cid_jax import evaluate, metrics
+
+    result = {"clip_i": metrics.mean_and_interval({"astronaut": [0.5, 0.7]})}
+    assert result["clip_i"]["ci95"][0] != result["clip_i"]["ci95"][0]  # NaN: an interval of one identity
+    text = json.dumps(evaluate.finite_or_null(result), allow_nan=False)
+    assert json.loads(text)["clip_i"] == {"mean": 0.6, "ci95": [None, None], "identities": 1}
+
+
+@pytest.mark.parametrize("error,code", [
+    (OSError(28, "No space left on device", "/full/w.safetensors"), 2),
+    (OSError(30, "Read-only file system", "/ro/out.png"), 2),
+    (FileExistsError(17, "File exists", "/x"), 2),
+    (FileNotFoundError(2, "No such file or directory", "/nowhere"), 3),
+])
+def test_every_os_error_is_one_line(error, code, capsys):
+    def fail():
+        raise error
+
+    assert cli.guarded("tool", fail) == code
+    err = capsys.readouterr().err
+    assert f"tool: error: {error.strerror}: {error.filename}" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------- data

@@ -51,7 +51,7 @@ import tensorflow as tf
 from etils import epath
 import tensorflow_datasets as tfds
 
-from cid_jax import cli, paths
+from cid_jax import errors, paths
 from cid_jax.data import batch as batch_lib
 from cid_jax.data import clip_preprocess as clip_lib
 from cid_jax.data import masks as masks_lib
@@ -146,7 +146,7 @@ class RecordSource:
                      if self.dataset_dir.is_dir() else [])  # epath refuses glob("**")
             if found:
                 hint = f"; did you mean {sorted(found)[0]}?"
-            raise cli.MissingError(f"{self.dataset_dir} is not a built FGID dataset (no dataset_info.json){hint}")
+            raise errors.MissingError(f"{self.dataset_dir} is not a built FGID dataset (no dataset_info.json){hint}")
         self.builder = tfds.builder_from_directory(os.fspath(self.dataset_dir))
         if split not in self.builder.info.splits:
             raise KeyError(f"split {split!r} not in {list(self.builder.info.splits)} of {self.dataset_dir}")

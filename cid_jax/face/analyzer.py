@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import errors
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class FaceAnalyzer:
         if parser_weights:
             path = pathlib.Path(parser_weights).expanduser()
             if not path.exists():
-                raise cli.MissingError(f"face parsing weights {path} not found; expected BiSeNet's 79999_iter.pth "
+                raise errors.MissingError(f"face parsing weights {path} not found; expected BiSeNet's 79999_iter.pth "
                                        "(also published as face_parsing.pth)")
             from cid_jax.face.bisenet import load_bisenet
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import errors
 from cid_jax.face.detect import FaceBox, no_face_error
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ BUFFALO_L_UNUSED = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx")
 PICKS = ("largest", "first")
 
 
-class ArcFaceModelsError(cli.MissingError):
+class ArcFaceModelsError(errors.MissingError):
     """The insightface model folder lacks a detector or a recognizer; names the files expected."""
 
 

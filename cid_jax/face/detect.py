@@ -19,13 +19,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import errors
 from cid_jax.face import parsing as L
 
 log = logging.getLogger(__name__)
 
 
-class NoFaceFoundError(cli.InputError):
+class NoFaceFoundError(errors.InputError):
     """No face in the image: ConsistentID needs one clear, frontal, reasonably large face."""
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax

@@ -41,7 +41,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 import regex
 
-from cid_jax import cli
+from cid_jax import errors
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -232,7 +232,7 @@ class CLIPTokenizer:
             vocab = model["vocab"]
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         else:
-            raise cli.MissingError(f"{folder}: need vocab.json + merges.txt or tokenizer.json")
+            raise errors.MissingError(f"{folder}: need vocab.json + merges.txt or tokenizer.json")
         for entry in tokenizer_json.get("added_tokens", []):
             extra[int(entry["id"])] = AddedToken(entry["content"], bool(entry.get("special", True)),
                                                  bool(entry.get("normalized", False)))

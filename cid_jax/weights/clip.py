@@ -27,7 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli, runtime
+from cid_jax import errors, runtime
 from cid_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                  CLIPVisionConfig, CLIPVisionModelWithProjection, abstract_params)
 from cid_jax.weights.state_dict import StateDict, load_into, read_sharded_folder
@@ -42,7 +42,7 @@ _VISION_PARTS = ("vision_model.", "visual_projection.")
 def read_config(folder: os.PathLike) -> dict:
     path = pathlib.Path(folder) / "config.json"
     if not path.exists():
-        raise cli.MissingError(f"no config.json in {folder}: expected a folder written by save_pretrained")
+        raise errors.MissingError(f"no config.json in {folder}: expected a folder written by save_pretrained")
     return json.loads(path.read_text())
 
 
@@ -59,7 +59,7 @@ def _read_weights(folder: os.PathLike, variant: str | None) -> StateDict:
         if any((folder / f"{stem}{ext}").exists()
                for ext in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")):
             return read_sharded_folder(folder, stem)
-    raise cli.MissingError(
+    raise errors.MissingError(
         f"no model{suffix}.safetensors, pytorch_model{suffix}.bin or a sharded index of either in "
         f"{folder}: expected a folder written by transformers' save_pretrained")
 

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from flax import traverse_util
 
-from cid_jax import cli, runtime
+from cid_jax import errors, runtime
 from cid_jax.models import presets
 from cid_jax.models.consistentid import TRAINABLE_GROUPS
 from cid_jax.models.sites import ProcessorSite, processor_sites, site_name_to_flax_path
@@ -632,7 +632,7 @@ def load_params(source: os.PathLike, layout: Optional[CheckpointLayout] = None,
                                f"*.bin), found {[p.name for p in candidates]}")
         source = candidates[0]
     if not source.exists():
-        raise cli.MissingError(f"checkpoint not found: {source}")
+        raise errors.MissingError(f"checkpoint not found: {source}")
     if source.suffix == ".msgpack":
         params, meta = load_params_msgpack(source)
         layout = layout or _layout_from_params(params)

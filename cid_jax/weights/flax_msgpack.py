@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Union
 import numpy as np
 from flax import serialization, traverse_util
 
-from cid_jax import cli
+from cid_jax import errors
 from cid_jax.weights.state_dict import WeightsError, atomic_write
 
 Path = tuple[str, ...]
@@ -28,7 +28,7 @@ def read_msgpack(path: os.PathLike) -> dict:
     """Reads a Flax msgpack file into a nested dict of numpy arrays (bf16 stays ml_dtypes bf16)."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise cli.MissingError(f"msgpack checkpoint not found: {path}")
+        raise errors.MissingError(f"msgpack checkpoint not found: {path}")
     tree = serialization.msgpack_restore(path.read_bytes())
     if not isinstance(tree, Mapping):
         raise WeightsError(f"{path}: expected a nested dict of arrays, got {type(tree).__name__}")

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
-from cid_jax import cli
+from cid_jax import errors
 
 StateDict = dict[str, np.ndarray]
 
@@ -30,7 +30,7 @@ LIST_NAMES = frozenset({
 })
 
 
-class WeightsError(cli.InputError):
+class WeightsError(errors.InputError):
     """A checkpoint does not fit the model: names the keys or shapes involved."""
 
 
@@ -143,7 +143,7 @@ class LazyStateDict(Mapping):
     def add_file(self, path: pathlib.Path) -> "LazyStateDict":
         path = pathlib.Path(path)
         if not path.exists():
-            raise cli.MissingError(f"checkpoint file not found: {path}")
+            raise errors.MissingError(f"checkpoint file not found: {path}")
         if path.suffix == ".safetensors":
             self._add_safetensors(path)
         elif path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
@@ -212,7 +212,7 @@ def read_sharded_folder(folder: os.PathLike, stem: str) -> LazyStateDict:
             for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
                 lazy.add_file(folder / shard)
             return lazy
-    raise cli.MissingError(
+    raise errors.MissingError(
         f"no {stem}.safetensors or {stem}.bin (or a sharded index) in {folder}: "
         "expected a folder written by save_pretrained")
 

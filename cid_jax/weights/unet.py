@@ -6,7 +6,7 @@ import pathlib
 
 import jax.numpy as jnp
 
-from cid_jax import cli, runtime
+from cid_jax import errors, runtime
 from cid_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_unet_params
 from cid_jax.weights.state_dict import load_into, read_sharded_folder
 
@@ -18,7 +18,7 @@ def load_unet(folder: os.PathLike, dtype=jnp.float32, **module_kwargs):
     """
     folder = pathlib.Path(folder)
     if not (folder / "config.json").exists():
-        raise cli.MissingError(f"{folder}/config.json not found: expected a diffusers unet/ folder")
+        raise errors.MissingError(f"{folder}/config.json not found: expected a diffusers unet/ folder")
     config = UNetConfig.from_json(folder / "config.json")
     module = UNet2DConditionModel(config, dtype=dtype, **module_kwargs)
     state = read_sharded_folder(folder, "diffusion_pytorch_model")

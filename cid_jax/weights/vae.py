@@ -17,7 +17,7 @@ import pathlib
 
 import jax.numpy as jnp
 
-from cid_jax import cli, runtime
+from cid_jax import errors, runtime
 from cid_jax.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params
 from cid_jax.weights.flax_msgpack import load_msgpack_into
 from cid_jax.weights.state_dict import load_into, read_sharded_folder
@@ -35,7 +35,7 @@ def _vae_folder(folder: pathlib.Path) -> pathlib.Path:
         return folder
     if (folder / "vae" / "config.json").exists():
         return folder / "vae"
-    raise cli.MissingError(f"{folder}/config.json not found: expected a diffusers vae/ folder "
+    raise errors.MissingError(f"{folder}/config.json not found: expected a diffusers vae/ folder "
                             "(or a pipeline folder with vae/)")
 
 

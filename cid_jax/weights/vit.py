@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from cid_jax import cli
+from cid_jax import errors
 from cid_jax.models.vit import ViTConfig, ViTModel, abstract_params
 from cid_jax.weights.clip import read_config
 from cid_jax.weights.state_dict import StateDict, load_into, read_sharded_folder, torch_key
@@ -81,7 +81,7 @@ def _read_weights(folder: pathlib.Path) -> StateDict:
         if any((folder / f"{stem}{ext}").exists()
                for ext in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")):
             return read_sharded_folder(folder, stem)
-    raise cli.MissingError(
+    raise errors.MissingError(
         f"no model.safetensors, pytorch_model.bin or a sharded index of either in {folder}: "
         "expected a ViT folder written by transformers' save_pretrained")
 
@@ -92,12 +92,12 @@ def vit_config_from_folder(folder: os.PathLike) -> ViTConfig:
     model_type = config.get("model_type")
     if model_type != "vit":
         arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
-        raise cli.InputError(f"{folder} is not a ViT checkpoint: its config.json has model_type "
+        raise errors.InputError(f"{folder} is not a ViT checkpoint: its config.json has model_type "
                              f"{model_type!r} ({arch}); expected 'vit' (e.g. facebook/dino-vits16)")
     try:
         return ViTConfig.from_dict(config)
     except ValueError as e:
-        raise cli.InputError(f"{folder}/config.json: {e}") from None
+        raise errors.InputError(f"{folder}/config.json: {e}") from None
 
 
 def load_vit(folder: os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
