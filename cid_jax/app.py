@@ -141,11 +141,54 @@ class Demo:
             raise gr.Error("Upload a photo with a face first.")
         if not str(prompt or "").strip():
             raise gr.Error("Write a prompt.")
+        problems = request_problems(steps=steps, guidance=guidance, merge_step=merge_step, ip_scale=ip_scale,
+                                    seed=seed, num_images=num_images)
+        if problems:
+            raise gr.Error("; ".join(problems))
         try:
             return self.run(image, prompt, negative_prompt or "", steps, guidance, merge_step, ip_scale, seed,
                             num_images)
         except cli.UserError as e:
             raise gr.Error(str(e)) from None
+
+
+# What each numeric input of the page (and of its HTTP API, where any JSON value can arrive) may be:
+# (low, high, whole number). The seed's range is numpy's and JAX's PRNG seed range.
+REQUEST_RANGES = {
+    "steps": (1, 1000, True), "guidance": (0.0, 50.0, False), "merge_step": (0, 1000, True),
+    "ip_scale": (0.0, 10.0, False), "seed": (0, 2**32 - 1, True), "num_images": (1, MAX_IMAGES, True),
+}
+
+
+def request_problems(**values) -> list[str]:
+    """What is wrong with a request's numbers, one phrase each (NaN, inf, a 30-digit seed, 2.5 steps
+    are refused here, as the CLI refuses them, instead of becoming a black image or a raw error)."""
+    import math
+
+    problems = []
+    for name, value in values.items():
+        low, high, whole = REQUEST_RANGES[name]
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            problems.append(f"{name}={value!r} is not a number")
+            continue
+        if not math.isfinite(number) or not low <= number <= high:
+            problems.append(f"{name}={value!r} must be between {low} and {high}")
+        elif whole and number != int(number):
+            problems.append(f"{name}={value!r} must be a whole number")
+    return problems
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fails at once, not after the model has loaded, when another program serves on the port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise cli.InputError(f"--port={port} on {host} cannot be used ({e.strerror}); pick a free --port") from None
 
 
 def build_ui(demo: Demo, steps: int):
@@ -186,6 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     quiet_library_logs()
     args = parse_args(argv)
+    check_port_free(args.host, args.port)
     from cid_jax import runtime
 
     runtime.cache_from_args(args)

@@ -108,27 +108,39 @@ def compile_cached(name: str, fn: Callable, args: tuple, signature: str) -> Call
     if _cache_path is None or any(len(getattr(x, "devices", lambda: ())()) > 1 for x in leaves):
         return jax.jit(fn).lower(*args).compile()
     path = _cache_path / "exported" / f"{name}-{_program_key(name, signature, treedef, leaves)}.bin"
-    exported = None
     if path.exists():
         try:
-            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+            exported = jax.export.deserialize(bytearray(_checked_payload(path.read_bytes())))
+            compiled = jax.jit(exported.call).lower(*leaves).compile()
+            return lambda *call_args: compiled(*jax.tree.leaves(call_args))
         except Exception as e:  # noqa: BLE001 (a damaged entry: trace again and replace it)
-            log.warning("stored program %s is unreadable (%s); tracing it again", path, e)
-    if exported is None:
-        def flat(*xs):
-            return fn(*jax.tree.unflatten(treedef, xs))
-        try:
-            exported = jax.export.export(jax.jit(flat))(*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves))
-        except Exception as e:  # noqa: BLE001 (e.g. a custom call export does not allow: compile directly)
-            log.debug("%s: not stored (%s: %s)", name, type(e).__name__, e)
-            return jax.jit(fn).lower(*args).compile()
-        try:
-            data = exported.serialize()
-            paths.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
-        except Exception as e:  # noqa: BLE001 - a full disk, an unreachable bucket: the cache is optional
-            log.warning("could not store the traced program in %s (%s)", path, paths.describe_error(e))
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log.warning("stored program %s is unreadable (%s); tracing it again and replacing it", path, reason)
+
+    def flat(*xs):
+        return fn(*jax.tree.unflatten(treedef, xs))
+    try:
+        exported = jax.export.export(jax.jit(flat))(*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves))
+    except Exception as e:  # noqa: BLE001 (e.g. a custom call export does not allow: compile directly)
+        log.debug("%s: not stored (%s: %s)", name, type(e).__name__, e)
+        return jax.jit(fn).lower(*args).compile()
+    try:
+        data = exported.serialize()
+        paths.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(hashlib.sha256(data).digest() + data))
+    except Exception as e:  # noqa: BLE001 - a full disk, an unreachable bucket: the cache is optional
+        log.warning("could not store the traced program in %s (%s)", path, paths.describe_error(e))
     compiled = jax.jit(exported.call).lower(*leaves).compile()
     return lambda *call_args: compiled(*jax.tree.leaves(call_args))
+
+
+def _checked_payload(stored: bytes) -> bytes:
+    """The serialized program of a stored entry (sha256 of the payload, then the payload). A flipped
+    byte can leave a program that still deserializes, even one that compiles to other numbers: the
+    digest is what tells a damaged entry, whatever the damage."""
+    digest, payload = stored[:32], stored[32:]
+    if len(stored) <= 32 or hashlib.sha256(payload).digest() != digest:
+        raise ValueError("its checksum does not match: damaged or truncated")
+    return payload
 
 
 def cached_shapes(name: str, signature: str, fn: Callable[[], Any]) -> Any:
