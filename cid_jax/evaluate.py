@@ -258,6 +258,8 @@ def score(models, references: dict, generated: list[Generated], timing: Optional
                          "references": len(ref_feats)}
     if "facesim" in result:
         result["facesim"]["no_face"] = int(sum(bool(r.get("no_face")) for r in rows))
+    if "fgis" in result:  # no facial region parsed in a generated image: scored 0, counted as FaceSim counts
+        result["fgis"]["no_face"] = int(sum(r.get("fgis_regions") == 0 for r in rows))
     result["s_per_image"] = ({"value": timing["s_per_image"], "compile_s": timing["compile_s"]}
                              if timing else {"skipped": "images made elsewhere (--generated)"})
     if any(g.prompt is None for g in generated) and "clip_t" not in result:
@@ -299,7 +301,7 @@ def report_markdown(result: dict, name: str, n_images: int, n_refs: int) -> str:
             lo, hi = e["ci95"]
             lines.append(f"- {m}: {100 * e['mean']:.2f} (95% interval {100 * lo:.2f} .. {100 * hi:.2f}, "
                          f"{e['identities']} identities)" + (f"; {e['no_face']} images without a detectable face "
-                                                             "scored 0" if m == "facesim" else ""))
+                                                             "scored 0" if "no_face" in e else ""))
         elif "skipped" in e:
             lines.append(f"- {m}: skipped ({e['skipped']})")
     if "compile_s" in result.get("s_per_image", {}):
@@ -413,6 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.generated = stack.enter_context(paths.local_folder(args.generated))
         out = stack.enter_context(paths.staged_folder(args.out))
         evaluate(args, prompts, out)
+    log.info("wrote %s", paths.path(args.out) / "report.md")
     return 0
 
 
@@ -442,7 +445,7 @@ def evaluate(args, prompts, out: pathlib.Path) -> None:
         generated, timing = read_generated(args.generated, references, prompts, words, args.class_word), None
     result, rows = score(models, references, generated, timing)
     write_outputs(out, result, rows, references, generated, args.name)
-    log.info("scored %d images in %.1f s; wrote %s", len(generated), time.perf_counter() - t0, out / "report.md")
+    log.info("scored %d images in %.1f s", len(generated), time.perf_counter() - t0)
     print((out / "report.md").read_text())
 
 

@@ -129,11 +129,22 @@ def write_text_atomic(target: PathLike, text: str) -> None:
 def copy_tree(src: PathLike, dst: PathLike) -> None:
     """Copies every file under `src` to the same place under `dst` (local or remote, either way)."""
     src, dst = path(src), path(dst)
-    for root, _, files in src.walk():
-        for name in files:
-            rel = (root / name).relative_to(src)
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            copy_file(root / name, dst / rel)
+    for rel in files_under(src):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy_file(src / rel, dst / rel)
+
+
+def files_under(folder: PathLike) -> list[str]:
+    """The files below `folder`, as paths relative to it ('a/b.png'), sorted. (epath's `walk` gives
+    an object store's folders without their `gs://`, and its glob refuses '**'.)"""
+    folder = path(folder)
+    out = []
+    for child in folder.iterdir():
+        if child.is_dir():
+            out += [f"{child.name}/{rel}" for rel in files_under(child)]
+        else:
+            out.append(child.name)
+    return sorted(out)
 
 
 def move_tree(src: PathLike, dst: PathLike) -> None:
@@ -197,7 +208,7 @@ def local_copy(p: PathLike) -> pathlib.Path:
         return dst
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
-    files = [src] if not src.is_dir() else [r / n for r, _, names in src.walk() for n in names]
+    files = [src] if not src.is_dir() else [src / rel for rel in files_under(src)]
     total = sum(f.stat().length for f in files)
     from tqdm import tqdm
 

@@ -312,13 +312,29 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     from cid_jax import observe
 
     run = run_lib.RunDir(workdir)
+    new_folder = not run.root.exists()
     validate(config, run.root)
     lock = run_lib.run_lock(run).acquire() if jax.process_index() == 0 else None
     try:
         return _train(config, run, batches, observe, lock)
+    except BaseException:
+        if lock is not None and new_folder:
+            lock.release()
+            _remove_if_only_the_lock(run)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _remove_if_only_the_lock(run: run_lib.RunDir) -> None:
+    """A run that failed before writing anything (a bad init_from, a shape mismatch) leaves no
+    folder it created holding only its lock: the next try starts from nothing, as this one did."""
+    try:
+        if run.root.exists() and {p.name for p in run.root.iterdir()} <= {".lock"}:
+            run.root.rmtree()
+    except OSError:  # the folder is a courtesy; the error being raised is what matters
+        pass
 
 
 def _train(config, run: run_lib.RunDir, batches, observe, lock=None) -> RunResult:

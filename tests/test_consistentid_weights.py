@@ -150,6 +150,18 @@ def test_sd15_full_size_file_round_trip_is_bit_exact(sd15_params, tmp_path, suff
     assert_trees_equal(W.import_reference(groups, W.SD15), sd15_params)
 
 
+def test_another_base_models_file_is_named_as_such(sd15_params):
+    """An SDXL file given to an SD1.5 model (and the reverse) says which families, not N shape mismatches."""
+    groups = W.export_reference(sd15_params, W.SD15)
+    with pytest.raises(W.WeightsError, match=r"this is an SD1\.5 checkpoint \(32 attention processors\); "
+                                             r"the model is an SDXL one \(140\)"):
+        W.import_reference(groups, W.SDXL)
+    small = dict(groups, adapter_modules={k: v for k, v in groups["adapter_modules"].items()
+                                          if int(k.split(".")[0]) < 14})
+    with pytest.raises(W.WeightsError, match="smaller preset"):
+        W.detect_layout(small)
+
+
 def test_fp16_export_and_no_partial_files(sd15_params, tmp_path):
     path = tmp_path / "half.safetensors"
     written = W.save_checkpoint(sd15_params, W.SD15, path, dtype="fp16")

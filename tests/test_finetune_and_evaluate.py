@@ -171,7 +171,7 @@ def test_a_mismatched_init_from_fails_before_compiling_naming_the_key(first_run,
     config.model.init_from = str(tmp_path / "bad.bin")
     with pytest.raises(cw.WeightsError, match=r"0\.to_q_lora\.down\.weight"):
         trainer.train(config, tmp_path / "w")
-    assert not (tmp_path / "w" / "checkpoints").exists()
+    assert not (tmp_path / "w").exists()  # nothing left behind, not even a folder holding the lock
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -327,6 +327,7 @@ def test_evaluate_command_line_on_a_demo_checkpoint_and_on_a_folder(first_run, m
         assert result[m]["identities"] == 2 and np.isfinite(result[m]["mean"])
     assert np.isfinite(result["fid"]["value"]) and result["s_per_image"]["value"] > 0
     rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert result["fgis"]["no_face"] == sum(r["fgis_regions"] == "0" for r in rows)  # counted as FaceSim counts
     assert len(rows) == 4 and {r["prompt"] for r in rows} == {"a woman in the snow", "a painting of a woman",
                                                                   "a person in the snow", "a painting of a person"}
     assert (out / "contact_sheet.png").exists() and "| CLIP-T" in (out / "report.md").read_text()

@@ -141,6 +141,16 @@ def test_a_run_and_its_data_on_gcs(gcs, datasets, reference, tmp_path, monkeypat
                           "--merge_step=1", "--height=64", "--width=64", f"--out={image_out}"]) == 0
     with paths.path(image_out).open("rb") as f:
         assert np.asarray(Image.open(f)).shape == (64, 64, 3)
+    # evaluate: references and images read from the bucket, the report written to it.
+    from cid_jax import evaluate
+
+    paths.copy_file(photo, f"gs://{BUCKET}/eval/refs/astronaut.png")
+    paths.copy_file(image_out, f"gs://{BUCKET}/eval/images/astronaut/p00_s1.png")
+    assert evaluate.main([f"--generated=gs://{BUCKET}/eval/images", f"--references=gs://{BUCKET}/eval/refs",
+                          f"--out=gs://{BUCKET}/eval/out"]) == 0
+    assert "| method |" in (paths.path(f"gs://{BUCKET}/eval/out") / "report.md").read_text()
+    assert json.loads((paths.path(f"gs://{BUCKET}/eval/out") / "metrics.json").read_text())["clip_i"] == {
+        "skipped": "needs --clip_model"}
 
 
 def test_one_writer_per_run_on_gcs(gcs, datasets, caplog):

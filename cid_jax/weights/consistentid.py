@@ -359,6 +359,12 @@ def import_reference(groups: Mapping[str, StateDict], layout: CheckpointLayout, 
     if unknown:
         raise WeightsError(f"unexpected top-level groups {unknown}; known: {sorted(known)}")
     required = set(required)
+    for name in (ADAPTERS, IP_ADAPTER):  # another base model's file: say so, not 43 shape mismatches
+        count = _processor_count(groups.get(name) or {})
+        if count and count != len(layout.sites):
+            raise WeightsError(f"this is {_family(count)} checkpoint ({count} attention processors); the model "
+                               f"is {_family(len(layout.sites))} one ({len(layout.sites)}): use a file made for "
+                               "the same base model")
     out = {}
     for ours, names in sources.items():
         present = [n for n in names if n in groups]
@@ -395,15 +401,26 @@ def split_groups(flat: Mapping[str, np.ndarray], ignore_prefixes: Sequence[str] 
     return out
 
 
+def _processor_count(adapters: StateDict) -> int:
+    return len({k.split(".", 1)[0] for k in adapters})
+
+
+def _family(count: int) -> str:
+    """'an SD1.5' / 'an SDXL' / 'a smaller preset's' for a number of attention processors."""
+    named = {len(layout.sites): name for name, layout in (("an SD1.5", SD15), ("an SDXL", SDXL))}
+    return named.get(count, "a smaller preset's (a demo run's)")
+
+
 def detect_layout(groups: Mapping[str, StateDict]) -> CheckpointLayout:
     """SD1.5 or SDXL from the adapters (32 vs 140 processors) or the FacialEncoder width."""
     ad = groups.get(ADAPTERS) or groups.get(IP_ADAPTER)
     if ad:
-        count = len({k.split(".", 1)[0] for k in ad})
+        count = _processor_count(ad)
         for layout in LAYOUTS.values():
             if count == len(layout.sites):
                 return layout
-        raise WeightsError(f"{count} attention processors match neither SD1.5 (32) nor SDXL (140)")
+        raise WeightsError(f"{count} attention processors match neither SD1.5 (32) nor SDXL (140): a file of a "
+                           "smaller preset (the demo's) is read through its run, --checkpoint=<run directory>")
     fe = groups.get(FACIAL_ENCODER, {})
     if "fuse_module.layer_norm.weight" in fe:
         width = int(np.shape(fe["fuse_module.layer_norm.weight"])[0])
