@@ -98,6 +98,15 @@ def write_atomic(target: PathLike, write: Callable[[str], None]) -> None:
     Locally the temporary file sits beside the target and one a killed process left behind is
     removed by the next write of the same file; the result gets 0666 less the umask."""
     target = path(target)
+    try:
+        _write_atomic(target, write)
+    except OSError as e:
+        if e.errno is not None and e.filename != os.fspath(target):  # name the file the user asked for, not a temporary
+            raise type(e)(e.errno, e.strerror, os.fspath(target)) from e
+        raise
+
+
+def _write_atomic(target: epath.Path, write: Callable[[str], None]) -> None:
     if is_remote(target):
         with tempfile.TemporaryDirectory(prefix="cid_jax-upload-") as tmp_dir:
             tmp = os.path.join(tmp_dir, target.name)

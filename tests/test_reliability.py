@@ -232,6 +232,24 @@ def test_export_leaves_no_temporary_file_on_failure(trained, tmp_path, monkeypat
     assert not stale.exists() and contents(out) == good
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_a_full_disk_under_the_converter_is_one_line(trained, tmp_path, suffix):
+    """A real OS limit on the converter's process (RLIMIT_FSIZE: writes past 200 kB fail with EFBIG,
+    as a full disk fails with ENOSPC): one line naming the file, exit 2, nothing left behind."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / f"w{suffix}"
+    proc = subprocess.run([sys.executable, "convert/to_pytorch.py", f"--checkpoint={trained}", f"--out={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    one_line_error(proc, 2, f"File too large: {out}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_converter_errors_are_one_line(trained, tmp_path, capsys):
     import torch
 

@@ -31,6 +31,7 @@ holds exactly the reference's three top-level keys (see `save_reference_bin`).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -45,7 +46,7 @@ from cid_jax.models import presets
 from cid_jax.models.consistentid import TRAINABLE_GROUPS
 from cid_jax.models.sites import ProcessorSite, processor_sites, site_name_to_flax_path
 from cid_jax.weights.state_dict import (StateDict, WeightsError, export_from, load_into,
-                                        atomic_write, read_state_dict, write_safetensors_atomic)
+                                        atomic_write, read_state_dict, write_bytes_atomic, write_safetensors_atomic)
 
 FACIAL_ENCODER, ADAPTERS = "FacialEncoder", "adapter_modules"
 IMAGE_PROJ_SD15, IMAGE_PROJ_SDXL = "image_proj", "image_proj_model"
@@ -361,7 +362,7 @@ def import_reference(groups: Mapping[str, StateDict], layout: CheckpointLayout, 
     required = set(required)
     for name in (ADAPTERS, IP_ADAPTER):  # another base model's file: say so, not 43 shape mismatches
         count = _processor_count(groups.get(name) or {})
-        if count and count != len(layout.sites):
+        if count != len(layout.sites) and count in (len(SD15.sites), len(SDXL.sites)):
             raise WeightsError(f"this is {_family(count)} checkpoint ({count} attention processors); the model "
                                f"is {_family(len(layout.sites))} one ({len(layout.sites)}): use a file made for "
                                "the same base model")
@@ -519,7 +520,9 @@ def save_reference_bin(groups: Mapping[str, StateDict], path: os.PathLike,
     path = pathlib.Path(path)
     obj = {g: OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())
            for g, sd in groups.items()}
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
     side = sidecar_path(path)
     if metadata is not None:
         atomic_write(side, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(dict(metadata), indent=1)))

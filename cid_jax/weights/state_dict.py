@@ -228,10 +228,17 @@ def atomic_write(path: os.PathLike, write: Callable[[str], None]) -> None:
 def write_safetensors_atomic(tensors: Mapping[str, np.ndarray], path: os.PathLike,
                              metadata: Mapping[str, str] | None = None) -> None:
     """Writes a safetensors file atomically (see `atomic_write`)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                             tmp, metadata=dict(metadata) if metadata else None))
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=dict(metadata) if metadata else None)
+    write_bytes_atomic(path, data)
+
+
+def write_bytes_atomic(path: os.PathLike, data: bytes) -> None:
+    """`data` to `path` atomically, written by Python's own file I/O: a full disk or a file-size
+    limit is an OSError naming the file (ENOSPC, EFBIG), where safetensors' and torch's writers
+    raise errors of their own that say neither."""
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 # -------------------------------------------------------------------------------- name mapping
