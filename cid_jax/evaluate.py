@@ -14,8 +14,11 @@ Inputs:
   --references   a folder of photos, one identity each (the file name without extension names it);
                  `class_words.json` beside them ({"einstein": "man"}) sets each identity's class word
                  (default --class_word=person) for the prompts' `<class word>`
-  --prompts      `paper`: the evaluation prompts of the paper's Table 2 (its text lists 36 of the 45
-                 it mentions), or a file with one prompt per line (may contain `<class word>`)
+  --prompts      `reference`: the reference repository's own sheet (45 prompts; its 15 identities'
+                 class words built in, so photos named albert_einstein.png, ... need no class_words.json;
+                 PhotoMaker's `img` kept, an ordinary word to ConsistentID); `paper`: the prompts legible
+                 in the paper's Table 2 (36 of its 45); or a file with one prompt per line (may contain
+                 `<class word>`)
   --generated    a folder as this tool writes it: `<identity>/p<prompt index>_s<seed>.png` (prompts
                  indexed into --prompts) or any images in `<identity>/` folders, or a `manifest.csv`
                  (image, reference[, prompt]); without prompts CLIP-T is skipped
@@ -72,6 +75,65 @@ PAPER_PROMPTS = (
     "a <class word> wearing sunglasses and necklace", "a <class word> coding in front of a computer",
     "a <class word> in a helmet and vest riding a motorcycle", "a painting of a <class word> in the style of Banksy",
 )
+# The reference repository's own protocol (evaluation/EvaluationIMGs_stars_prompts.csv): 15 identities
+# x the same 45 prompts, each with its identity's class word. Kept verbatim, PhotoMaker's trigger
+# word `img` included: the reference pipeline ignores its `trigger_word="img"` argument, so to
+# ConsistentID `img` is an ordinary word of the prompt, exactly as the reference's scores saw it.
+REFERENCE_PROMPTS = (
+    "a <class word> wearing a red hat",
+    "a <class word> wearing a santa hat",
+    "a <class word> wearing a rainbow scarf",
+    "a <class word> wearing a black top hat and a monocle",
+    "a <class word> in a chef outfit",
+    "a <class word> in a firefighter outfit",
+    "a <class word> in a police outfit",
+    "a <class word> wearing pink glasses",
+    "a <class word> wearing a yellow shirt",
+    "a <class word> in a purple wizard outfit",
+    "a painting of a <class word> in the style of Banksy",
+    "a painting of a <class word> in the style of Vincent Van Gogh",
+    "a colorful graffiti painting of a <class word>",
+    "a watercolor painting of a <class word>",
+    "a Greek marble sculpture of a <class word>",
+    "a street art mural of a <class word>",
+    "a black and white photograph of a <class word>",
+    "a pointillism painting of a <class word>",
+    "a Japanese woodblock print of a <class word>",
+    "a street art stencil of a <class word>",
+    "a <class word> img riding a horse",
+    "a <class word> img holding a glass of wine",
+    "a <class word> img holding a piece of cake",
+    "a <class word> img giving a lecture",
+    "a <class word> img reading a book",
+    "a <class word> img gardening in the backyard",
+    "a <class word> img cooking a meal",
+    "a <class word> img working out at the gym",
+    "a <class word> img walking the dog",
+    "a <class word> img baking cookies",
+    "a <class word> img wearing a doctoral cap",
+    "a <class word> img wearing a spacesuit",
+    "a <class word> img wearing sunglasses and necklace",
+    "a <class word> coding in front of a computer",
+    "a <class word> in a helmet and vest riding a motorcycle",
+    "a <class word> in the jungle",
+    "a <class word> in the snow",
+    "a <class word> on the beach",
+    "a <class word> on a cobblestone street",
+    "a <class word> on top of pink fabric",
+    "a <class word> on top of a wooden floor",
+    "a <class word> with a city in the background",
+    "a <class word> with a mountain in the background",
+    "a <class word> with a blue house in the background",
+    "a <class word> on top of a purple rug in a forest",
+)
+# The sheet's identities (its image file names without .png) and their class words.
+REFERENCE_CLASS_WORDS = {
+    "albert_einstein": "man", "andrew_ng": "man", "barack_obama": "man", "dwayne_johnson": "man",
+    "elon_mask": "man", "feifei_li": "woman", "geoffrey_hinton": "man", "joe_biden": "man",
+    "kamala_harris": "woman", "kaming_he": "man", "lecun_yann": "man", "michelle_obama": "woman",
+    "sam_altman": "man", "scarlett_johansson": "woman", "taylor_swift": "woman",
+}
+PROMPT_SETS = {"paper": PAPER_PROMPTS, "reference": REFERENCE_PROMPTS}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 GENERATED_NAME = re.compile(r"^p(\d+)_s(-?\d+)$")
 
@@ -82,12 +144,12 @@ GENERATED_NAME = re.compile(r"^p(\d+)_s(-?\d+)$")
 def read_prompts(spec: Optional[str]) -> Optional[list[str]]:
     if not spec:
         return None
-    if spec == "paper":
-        return list(PAPER_PROMPTS)
+    if spec in PROMPT_SETS:
+        return list(PROMPT_SETS[spec])
     from cid_jax import generate as gen
 
-    if not pathlib.Path(spec).expanduser().is_file():
-        raise cli.MissingError(f"--prompts={spec}: not 'paper' and no such file")
+    if not paths.path(spec).is_file():
+        raise cli.MissingError(f"--prompts={spec}: not {' or '.join(map(repr, PROMPT_SETS))} and no such file")
     return gen.read_prompts_file(spec, flag="--prompts")
 
 
@@ -101,18 +163,20 @@ def read_references(folder: str) -> dict[str, pathlib.Path]:
     return refs
 
 
-def class_words(references_dir) -> dict[str, str]:
-    """The references folder's `class_words.json` ({identity: class word}), if it has one."""
+def class_words(references_dir, prompts_spec: Optional[str] = None) -> dict[str, str]:
+    """{identity: class word}: the references folder's `class_words.json`, over (with
+    `--prompts=reference`) the reference sheet's own table."""
+    base = dict(REFERENCE_CLASS_WORDS) if prompts_spec == "reference" else {}
     path = pathlib.Path(references_dir).expanduser() / "class_words.json"
     if not path.is_file():
-        return {}
+        return base
     try:
         words = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise cli.InputError(f"{path} is not valid JSON ({e}); write {{\"identity\": \"class word\", ...}}") from None
     if not isinstance(words, dict) or not all(isinstance(v, str) for v in words.values()):
         raise cli.InputError(f"{path} must map each identity to its class word: {{\"identity\": \"woman\", ...}}")
-    return words
+    return {**base, **words}
 
 
 def fill(prompt: str, word: str) -> str:
@@ -360,7 +424,8 @@ def parse_args(argv=None):
     what.add_argument("--checkpoint", help="generate with this run directory / checkpoint file, then score")
     what.add_argument("--generated", help="score the images of this folder (made by anything)")
     p.add_argument("--references", required=True, help="folder of reference photos, one identity each")
-    p.add_argument("--prompts", default=None, help="'paper' or a file with one prompt per line")
+    p.add_argument("--prompts", default=None,
+                   help="'reference' (the reference repository's 45-prompt sheet), 'paper' (Table 2), or a file")
     p.add_argument("--class_word", default="person", help="the prompts' <class word> (class_words.json overrides)")
     p.add_argument("--seeds", type=int, default=1, help="images per reference and prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=2024)
@@ -393,7 +458,7 @@ def check_args(args) -> None:
         if getattr(args, flag) < 1:
             problems.append(f"--{flag}={getattr(args, flag)}: must be >= 1")
     if args.checkpoint and not args.prompts:
-        problems.append("--prompts is needed to generate (paper, or a file with one prompt per line)")
+        problems.append("--prompts is needed to generate (reference, paper, or a file with one prompt per line)")
     if problems:
         raise cli.InputError("; ".join(problems))
 
@@ -431,7 +496,7 @@ def evaluate(args, prompts, out: pathlib.Path) -> None:
     from cid_jax import metrics
 
     references = read_references(args.references)
-    words = class_words(args.references)
+    words = class_words(args.references, args.prompts)
     t0 = time.perf_counter()
     models = metrics.load_metric_models(clip_model=args.clip_model, dino_model=args.dino_model,
                                         face_models=args.face_models, inception=args.inception,

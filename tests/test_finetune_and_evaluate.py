@@ -2,6 +2,7 @@
 paper's Table 3), on the demo architecture and tiny random metric models in their real formats."""
 import csv
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -384,3 +385,17 @@ def test_training_evaluation_takes_references_from_the_validation_split(tmp_path
     only_train = builder.build_from_reference_json(src / "data.json", tmp_path / "train_only", progress=False)
     config.data.path = str(only_train.dataset_dir)
     assert train_eval.dataset_references(config) is None
+
+
+def test_the_reference_prompt_sheet_is_the_reference_repositorys():
+    """`--prompts=reference` with the sheet's class words reproduces the reference repository's
+    evaluation/EvaluationIMGs_stars_prompts.csv (kept in tests/data as it is there) row for row."""
+    from cid_jax import evaluate
+
+    with open(pathlib.Path(__file__).parent / "data" / "EvaluationIMGs_stars_prompts.csv", newline="") as f:
+        sheet = [(r["Image_Name"], r["Prompt"]) for r in csv.DictReader(f)]
+    prompts = evaluate.read_prompts("reference")
+    words = evaluate.class_words(pathlib.Path(__file__).parent, "reference")  # tests/ has no class_words.json
+    ours = [(f"{name}.png", evaluate.fill(p, words[name])) for name in evaluate.REFERENCE_CLASS_WORDS for p in prompts]
+    assert len(sheet) == 675 and ours == sheet
+    assert sum("img" in p.split() for p in prompts) == 13  # PhotoMaker's trigger word, kept verbatim
