@@ -214,11 +214,11 @@ def test_identical_images_score_one_and_fid_of_a_set_with_itself_is_zero(metric_
 
 
 def _fid_by_eigenvalues(a, b):
-    """FID by another route: tr sqrt(A B) = sum of sqrt(eig(sqrt(A) B sqrt(A))), symmetric throughout."""
-    from scipy import linalg
-
+    """FID by another route: tr sqrt(A B) = sum of sqrt(eig(sqrt(A) B sqrt(A))), symmetric throughout
+    (sqrt(A) from A's eigendecomposition, exact for a singular A too, unlike sqrtm)."""
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    ra = linalg.sqrtm(ca).real
+    w, v = np.linalg.eigh(ca)
+    ra = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     eig = np.clip(np.linalg.eigvalsh(ra @ cb @ ra), 0, None)
     return np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(eig).sum()
 
@@ -245,6 +245,33 @@ def test_fid_and_kid_agree_with_their_definitions():
     assert metrics.kid(a, b) == pytest.approx(_kid_by_pairs(a, b), rel=1e-9)
     same = rng.standard_normal((200, 8))
     assert abs(metrics.kid(same[:100], same[100:])) < 0.1 * metrics.kid(a, b)
+
+
+def test_fid_with_fewer_images_than_dimensions_is_exact():
+    """Paper-sized sets (tens of images, 2048 features): the covariance product is rank-deficient.
+    The result equals the symmetric eigenvalue route and pytorch-fid's formula (sqrtm of the
+    product, its known inaccuracy on a singular product bounding the agreement), and a set against
+    itself is 0 to float64 rounding of the traces."""
+    from scipy import linalg
+
+    from cid_jax import metrics
+
+    rng = np.random.default_rng(5)
+    d = 256
+    a = rng.standard_normal((30, d)) @ rng.standard_normal((d, d)) / np.sqrt(d)
+    b = rng.standard_normal((20, d)) * 1.3 + 0.2
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # The eigenvalue route takes sqrt of the D - rank eigenvalues that are zero up to rounding
+    # (|err| ~ eps * lambda_max each): together at most 2 * D * sqrt(eps * lambda_max) of the trace.
+    lam_max = np.linalg.eigvalsh(ca).max() * np.linalg.eigvalsh(cb).max()
+    assert metrics.fid(a, b) == pytest.approx(_fid_by_eigenvalues(a, b),
+                                              abs=4 * d * np.sqrt(np.finfo(np.float64).eps * lam_max))
+    # pytorch-fid's calculate_frechet_distance:
+    root, _ = linalg.sqrtm(ca @ cb, disp=False)
+    pytorch_fid = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca) + np.trace(cb) - 2 * np.trace(root.real)
+    assert metrics.fid(a, b) == pytest.approx(pytorch_fid, rel=1e-3)
+    scale = np.trace(ca)  # the rounding of a float64 trace of this size: ~1e-16 x d x scale
+    assert abs(metrics.fid(a, a)) < 1e-10 * scale
 
 
 def _stub_detector_for(image):
