@@ -65,6 +65,93 @@ class MetricModels:
         return {m: ENABLED_BY[m] for m, model in have.items() if model is None}
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageProcessing:
+    """How a metric network's input is made from a uint8 photo, as a transformers image processor
+    does it: resize (PIL, `resample` in PIL's codes, which transformers uses too), centre crop,
+    x * rescale, then (x - mean) / std per channel. NHWC float32 out."""
+    size: tuple[int, int] | int         # (height, width) exactly, or an int: the shortest side
+    crop: Optional[tuple[int, int]]     # (height, width) of the centred crop, None: no crop
+    resample: int                       # PIL: 2 bilinear, 3 bicubic
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float = 1 / 255
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        from cid_jax.data import clip_preprocess as clip_lib
+
+        rgb = clip_lib.to_rgb_uint8(image)
+        h, w = rgb.shape[:2]
+        new_h, new_w = (clip_lib.shortest_side_size(h, w, self.size) if isinstance(self.size, int) else self.size)
+        if (new_h, new_w) != (h, w):
+            rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling(self.resample)))
+        if self.crop is not None:
+            ch, cw = self.crop
+            top, left = (new_h - ch) // 2, (new_w - cw) // 2
+            if top < 0 or left < 0:
+                raise errors.InputError(f"the image processor crops {ch}x{cw} from a {new_h}x{new_w} resize")
+            rgb = rgb[top:top + ch, left:left + cw]
+        x = rgb.astype(np.float32) * np.float32(self.rescale)
+        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+
+def _hw(value, square_int: bool):
+    """transformers' size fields: {"height", "width"}, {"shortest_edge"}, or an int (a square for
+    ViT processors, the shortest side for CLIP's)."""
+    if isinstance(value, dict):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        return int(value["height"]), int(value["width"])
+    return (int(value), int(value)) if square_int else int(value)
+
+
+def read_image_processing(folder, default: ImageProcessing) -> ImageProcessing:
+    """The model folder's `preprocessor_config.json` (size, crop, resample, mean/std, rescale), field
+    by field over `default`; `default` itself where the folder has none. facebook/dino-vits16's says
+    bilinear where a hard-coded bicubic moved DINO by up to 1.8e-3 per image."""
+    import json
+
+    path = pathlib.Path(folder).expanduser() / "preprocessor_config.json"
+    if not path.is_file():
+        return default
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        kind = str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "")
+        square_int = "CLIP" not in kind  # CLIP's int size is the shortest edge; ViT's a square
+        size = _hw(cfg["size"], square_int) if cfg.get("do_resize", True) and "size" in cfg else default.size
+        crop = default.crop
+        if "do_center_crop" in cfg or "crop_size" in cfg:
+            crop = _hw(cfg.get("crop_size", default.crop), True) if cfg.get("do_center_crop", True) else None
+        if isinstance(crop, int):
+            crop = (crop, crop)
+        mean, std = default.mean, default.std
+        if cfg.get("do_normalize", True):
+            mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        rescale = float(cfg.get("rescale_factor", default.rescale)) if cfg.get("do_rescale", True) else 1.0
+        return ImageProcessing(size, crop, int(cfg.get("resample", default.resample)), mean, std, rescale)
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.InputError(f"{path} cannot be read as an image processor config ({e})") from None
+
+
+def clip_image_processing(image_size: int) -> ImageProcessing:
+    """CLIPImageProcessor's defaults (OpenAI CLIP): shortest side, centre crop, bicubic."""
+    from cid_jax.data import clip_preprocess as clip_lib
+
+    return ImageProcessing(image_size, (image_size, image_size), 3, tuple(clip_lib.OPENAI_CLIP_MEAN.tolist()),
+                           tuple(clip_lib.OPENAI_CLIP_STD.tolist()))
+
+
+def dino_image_processing(image_size: int) -> ImageProcessing:
+    """A square resize (bicubic) with ImageNet statistics: the default where a DINO folder has no
+    preprocessor_config.json."""
+    return ImageProcessing((image_size, image_size), None, 3, tuple(IMAGENET_MEAN.tolist()),
+                           tuple(IMAGENET_STD.tolist()))
+
+
 def _normalise(x) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -84,11 +171,10 @@ def _batched(fn: Callable, batch_size: int) -> Callable[[np.ndarray], np.ndarray
     return run
 
 
-def clip_encoders(text_model, text_params, vision_model, vision_params, tokenizer, batch_size: int = 8):
+def clip_encoders(text_model, text_params, vision_model, vision_params, tokenizer, batch_size: int = 8,
+                  processing: Optional[ImageProcessing] = None):
     """(image Encoder, text embedding function) of a CLIP pair: the projected embeddings."""
-    from cid_jax.data import clip_preprocess as clip_lib
-
-    size = vision_model.config.image_size
+    processing = processing or clip_image_processing(vision_model.config.image_size)
     image_fn = jax.jit(lambda x: vision_model.apply({"params": vision_params}, x,
                                                     output_hidden_states=False).image_embeds)
     text_fn = jax.jit(lambda ids: text_model.apply({"params": text_params}, ids,
@@ -98,23 +184,16 @@ def clip_encoders(text_model, text_params, vision_model, vision_params, tokenize
         ids = np.asarray(tokenizer(list(prompts), max_length=77, padding="max_length", truncation=True), np.int32)
         return _normalise(_batched(text_fn, batch_size)(ids))
 
-    image = Encoder(lambda x: _normalise(_batched(image_fn, batch_size)(x)),
-                    lambda im: clip_lib.clip_preprocess(im, size))
+    image = Encoder(lambda x: _normalise(_batched(image_fn, batch_size)(x)), processing)
     return image, texts
 
 
-def dino_encoder(model, params, image_size: int = 224, batch_size: int = 8) -> Encoder:
-    """DINO ViT class tokens on images resized to `image_size` (bicubic) with ImageNet statistics,
-    as facebook/dino-vits16's image processor prepares them."""
-    from PIL import Image
-
+def dino_encoder(model, params, image_size: int = 224, batch_size: int = 8,
+                 processing: Optional[ImageProcessing] = None) -> Encoder:
+    """DINO ViT class tokens, inputs made by `processing` (the model folder's image processor;
+    default `dino_image_processing`)."""
     fn = jax.jit(lambda x: model.apply({"params": params}, x, method="cls_embedding"))
-
-    def preprocess(image: np.ndarray) -> np.ndarray:
-        im = Image.fromarray(np.asarray(image, np.uint8)).resize((image_size, image_size), Image.Resampling.BICUBIC)
-        return (np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-    return Encoder(lambda x: _normalise(_batched(fn, batch_size)(x)), preprocess)
+    return Encoder(lambda x: _normalise(_batched(fn, batch_size)(x)), processing or dino_image_processing(image_size))
 
 
 def inception_features(model, params, batch_size: int = 8) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
@@ -153,13 +232,15 @@ def load_metric_models(*, clip_model: Optional[str] = None, dino_model: Optional
         folder = pathlib.Path(clip_model)
         tok = CLIPTokenizer.from_pretrained(folder) if (folder / "vocab.json").exists() or (
             folder / "tokenizer.json").exists() else CLIPTokenizer.default()
+        processing = read_image_processing(clip_model, clip_image_processing(vision_model.config.image_size))
         out.clip_image, out.clip_text = clip_encoders(text_model, text_params, vision_model, vision_params, tok,
-                                                      batch_size)
+                                                      batch_size, processing)
     if dino_model:
         from cid_jax.weights.vit import load_vit
 
         model, params = load_vit(dino_model)
-        out.dino = dino_encoder(model, params, model.config.image_size, batch_size)
+        processing = read_image_processing(dino_model, dino_image_processing(model.config.image_size))
+        out.dino = dino_encoder(model, params, model.config.image_size, batch_size, processing)
     if face_models:
         from cid_jax.face import ArcFaceEmbedder
 

@@ -426,3 +426,56 @@ def test_the_reference_prompt_sheet_is_the_reference_repositorys():
     ours = [(f"{name}.png", evaluate.fill(p, words[name])) for name in evaluate.REFERENCE_CLASS_WORDS for p in prompts]
     assert len(sheet) == 675 and ours == sheet
     assert sum("img" in p.split() for p in prompts) == 13  # PhotoMaker's trigger word, kept verbatim
+
+
+def _processor_inputs(processor, image) -> np.ndarray:
+    return np.transpose(processor(images=image, return_tensors="np")["pixel_values"][0], (1, 2, 0))
+
+
+# Our float32 rescale-and-normalise against transformers' (rescale in float64, then float32): a few
+# float32 roundings of values |x| <= 3 (2^-22 relative each), far below 2e-6.
+PREPROCESS_ATOL = 2e-6
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit_bilinear", "vit_int_size"])
+def test_metric_preprocessing_is_read_from_the_model_folder(tmp_path, kind):
+    """Size, crop, resample and statistics come from preprocessor_config.json (transformers' image
+    processors, the judge, read the same file); without one, today's defaults hold."""
+    import json
+
+    import skimage.data
+    import transformers
+
+    from cid_jax import metrics
+    from cid_jax.data import clip_preprocess as clip_lib
+
+    image = skimage.data.astronaut()[40:440, 60:360]  # 400 x 300: shortest side and crop both matter
+    if kind == "clip":
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                                    resample=2, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25])
+        default = metrics.clip_image_processing(224)
+    elif kind == "vit_bilinear":  # facebook/dino-vits16's: bilinear 224 square
+        processor = transformers.ViTImageProcessor(size={"height": 224, "width": 224}, resample=2)
+        default = metrics.dino_image_processing(224)
+    else:  # an older ViTFeatureExtractor-style file: an int size means a square
+        processor = transformers.ViTImageProcessor(size={"height": 96, "width": 96}, resample=3)
+        default = metrics.dino_image_processing(224)
+    processor.save_pretrained(tmp_path)
+    if kind == "vit_int_size":
+        cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+        cfg.update(size=96, feature_extractor_type="ViTFeatureExtractor")
+        cfg.pop("image_processor_type", None)
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+        processor = transformers.ViTImageProcessor.from_pretrained(tmp_path)
+    ours = metrics.read_image_processing(tmp_path, default)(image)
+    want = _processor_inputs(processor, image)
+    assert ours.shape == want.shape
+    np.testing.assert_allclose(ours, want, atol=PREPROCESS_ATOL, rtol=0)
+    # No file: the defaults. CLIP's are CLIPImageProcessor's own (and the data pipeline's function).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert metrics.read_image_processing(empty, default) == default
+    if kind == "clip":
+        np.testing.assert_allclose(default(image), _processor_inputs(transformers.CLIPImageProcessor(), image),
+                                   atol=PREPROCESS_ATOL, rtol=0)
+        np.testing.assert_array_equal(default(image), clip_lib.clip_preprocess(image))
