@@ -179,7 +179,7 @@ def sd15_estimate() -> dict:
     import jax.numpy as jnp
     import skimage.data
 
-    from cid_jax import build, generate as gen, sampling as pl
+    from cid_jax import build, sampling as pl
     from cid_jax.face.detect import template_parse
     spec = importlib.util.spec_from_file_location("sd15_config", REPO / "configs" / "sd15.py")
     module = importlib.util.module_from_spec(spec)

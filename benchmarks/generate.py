@@ -9,7 +9,7 @@ written with `save_pretrained` (UNet, VAE, CLIP text encoder, CLIP vision encode
 scheduler config), the ConsistentID trainable modules get random values and are exported with
 `cid_jax.export.export_run` (our safetensors layout). Then
 
-* ours:    `cid_jax.generate.load` (the CLI's loader) + `cid_jax.sampling.Generator`: the three
+* ours:    `cid_jax.inference.load` (the CLI's loader) + `cid_jax.sampling.Generator`: the three
            embedding sets, the whole denoising loop (`lax.scan`) with CFG and the merge switch, and
            the VAE decode in one jitted function;
 * PyTorch: `convert/run_pytorch.py`'s `ConsistentIDTorch` (diffusers UNet2DConditionModel /
@@ -241,7 +241,7 @@ def run_preset(name: str, args) -> list[dict]:
     import numpy as np
     import torch
 
-    from cid_jax import generate as gen
+    from cid_jax import inference
     from cid_jax import sampling as pl
 
     preset = PRESETS[name]()
@@ -255,8 +255,8 @@ def run_preset(name: str, args) -> list[dict]:
         lambda x: x.astype(jax_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
     variants = {}
     for label, fold in (("folded", True), ("unfolded", False)):
-        log(f"[{name}] loading ours (cid_jax.generate.load, LoRA {label})")
-        loaded = gen.load(str(workdir), dtype=jax_dtype, fold_lora=fold)
+        log(f"[{name}] loading ours (cid_jax.inference.load, LoRA {label})")
+        loaded = inference.load(str(workdir), dtype=jax_dtype, fold_lora=fold)
         params = jax.device_put(jax.tree.map(lambda x: cast(jnp.asarray(x)), (loaded.frozen, loaded.trainable)))
         variants[label] = (loaded, params, pl.Generator(loaded.model))
 

@@ -2,7 +2,8 @@
 
 The flow a sample takes: data/ (FGID records -> tf.data batches) -> models/ (frozen SD family +
 ConsistentID adapters) -> train.py (sharded jitted step, orbax checkpoints) -> weights/ (export to
-the reference PyTorch layout) -> generate.py.
+the reference PyTorch layout) -> inference.py (load a run, make images; generate.py is its command
+line) -> scoring.py (the paper's metrics; evaluate.py is its command line).
 """
 __version__ = "0.1.0"
 

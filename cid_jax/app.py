@@ -69,18 +69,18 @@ class Demo:
     """The loaded model and the request handler (one per server process)."""
 
     def __init__(self, args):
-        from cid_jax import generate as gen
+        from cid_jax import inference
         from cid_jax import sampling as pl
         from cid_jax.face import FaceAnalyzer
 
         self.args = args
         t0 = time.perf_counter()
         log.info("loading %s", args.checkpoint)
-        self.loaded = gen.load(args.checkpoint, args.base, args.image_encoder, args.dtype, args.step,
+        self.loaded = inference.load(args.checkpoint, args.base, args.image_encoder, args.dtype, args.step,
                                fold_lora=not args.no_fold_lora)
         self.analyzer = FaceAnalyzer(args.parser_weights, args.insightface_models)
         self.variant = self.loaded.model.variant
-        self.size = gen.default_size(self.loaded, args.base)
+        self.size = inference.default_size(self.loaded, args.base)
         self.height, self.width = args.height or self.size, args.width or self.size
         self.guidance = pl.VARIANT_DEFAULTS[self.variant].guidance
         self.programs: dict = {}
@@ -113,16 +113,16 @@ class Demo:
     def run(self, image, prompt: str, negative_prompt: str, steps: int, guidance: float, merge_step: int,
             ip_scale: float, seed: int, num_images: int, label_map=None):
         """(images, overlay, facial prompt, timing line)."""
-        from cid_jax import generate as gen
+        from cid_jax import inference
         from cid_jax import sampling as pl
 
         image = np.asarray(image)[..., :3].astype(np.uint8)
         label_map, embedding, box = self.analyse(image, label_map)
         face = pl.face_batch(image, label_map, embedding)
         num_images = int(max(1, min(MAX_IMAGES, num_images)))
-        requests = [gen.ImageRequest(face, prompt, int(seed) + k) for k in range(num_images)]
+        requests = [inference.ImageRequest(face, prompt, int(seed) + k) for k in range(num_images)]
         t0 = time.perf_counter()
-        images, timing = gen.generate_requests(
+        images, timing = inference.generate_requests(
             self.loaded, requests, negative_prompt=negative_prompt, steps=int(steps), guidance=float(guidance),
             merge_step=int(merge_step), sampler=self.args.sampler, height=self.height, width=self.width,
             caption=self.args.caption, batch_size=num_images, programs=self.programs, generator=self.generator,

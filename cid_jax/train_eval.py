@@ -1,6 +1,6 @@
 """Identity fidelity measured while training (`config.eval`): every `eval.every_steps` steps, and at
 the last step, the current weights generate each reference x prompt x seed and the metric models
-score them (FaceSim, CLIP-T, CLIP-I, DINO, FGIS as `cid_jax.evaluate` computes them). The means
+score them (FaceSim, CLIP-T, CLIP-I, DINO, FGIS as `cid_jax.scoring` computes them). The means
 over identities go to TensorBoard (`eval/...`) and metrics.jsonl; the images to
 `<workdir>/images/eval_<step>.png` (one row per reference: the photo, then its generations).
 
@@ -99,17 +99,17 @@ def dataset_references(config) -> Optional[list[EvalReference]]:
 
 
 def photo_references(config) -> list[EvalReference]:
-    from cid_jax import evaluate
-    from cid_jax import generate as gen
+    from cid_jax import scoring
+    from cid_jax import inference
     from cid_jax import sampling as pl
     from cid_jax.face import FaceAnalyzer
 
     e = config.eval
     analyzer = FaceAnalyzer(e.parser_weights or None, e.face_models or None)
-    words = evaluate.class_words(e.references)
+    words = scoring.class_words(e.references)
     out = []
-    for name, path in evaluate.read_references(e.references).items():
-        photo = gen.read_image(str(path))
+    for name, path in scoring.read_references(e.references).items():
+        photo = inference.read_image(str(path))
         try:
             face = pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[config.model.variant].parse_size),
                                  analyzer.id_embedding(photo))
@@ -126,8 +126,8 @@ class TrainingEvaluator:
         from jax.sharding import NamedSharding, PartitionSpec
 
         from cid_jax import build as build_lib
-        from cid_jax import evaluate
-        from cid_jax import generate as gen
+        from cid_jax import scoring
+        from cid_jax import inference
         from cid_jax import sampling as pl
 
         self.config, self.model, self.run = config, model, run
@@ -136,11 +136,11 @@ class TrainingEvaluator:
         self.size = int(config.data.resolution)
         self.references = (photo_references(config) if e.references else
                            dataset_references(config) or synthetic_references(config, self.size))
-        self.requests = [(ref, gen.ImageRequest(ref.face, evaluate.fill(prompt, ref.class_word), seed))
+        self.requests = [(ref, inference.ImageRequest(ref.face, scoring.fill(prompt, ref.class_word), seed))
                          for ref in self.references for prompt in e.prompts
                          for seed in range(e.seed, e.seed + e.seeds)]
         self.tokenizers = build_lib.tokenizers_for(config)
-        self.noise_config = gen.noise_config_for(config)
+        self.noise_config = inference.noise_config_for(config)
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self.generator = pl.Generator(model, out_sharding=replicated)
         self.programs: dict = {}
@@ -150,14 +150,14 @@ class TrainingEvaluator:
                            if m not in self.metric_models.skipped()))
 
     def __call__(self, step: int, frozen, trainable) -> dict:
-        from cid_jax import generate as gen
+        from cid_jax import inference
         from cid_jax import metrics
 
         e = self.config.eval
-        loaded = gen.Loaded(self.model, frozen, trainable, {"pairing": self.config.data.pairing}, self.tokenizers[0],
+        loaded = inference.Loaded(self.model, frozen, trainable, {"pairing": self.config.data.pairing}, self.tokenizers[0],
                             self.noise_config, self.tokenizers[1])
         t0 = time.perf_counter()
-        images, timing = gen.generate_requests(
+        images, timing = inference.generate_requests(
             loaded, [r for _, r in self.requests], negative_prompt=e.negative_prompt, steps=e.steps,
             guidance=e.guidance, merge_step=e.merge_step, sampler=e.sampler, height=self.size, width=self.size,
             batch_size=e.batch_size or None, programs=self.programs, generator=self.generator)

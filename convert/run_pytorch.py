@@ -379,6 +379,7 @@ def _main(argv) -> int:
     from cid_jax import build as build_lib
     from cid_jax import cli
     from cid_jax import generate as gen
+    from cid_jax import inference
     from cid_jax import sampling as pl
     from cid_jax.data.batch import sdxl_time_ids
     from cid_jax.models.presets import is_sdxl_folder
@@ -399,7 +400,7 @@ def _main(argv) -> int:
     face = pl.face_batch(image, labels, embedding)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     model = ConsistentIDTorch(args.checkpoint, base, enc, args.device, dtype, args.sampler, args.facial_encoder_heads)
-    tok, tok_2 = build_lib.tokenizers_for(gen.base_config(str(base), str(enc)))  # the base's tokenizer folders
+    tok, tok_2 = build_lib.tokenizers_for(inference.base_config(str(base), str(enc)))  # the base's tokenizer folders
     text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, None,
                          model.metadata.get("pairing", "reference"), variant, tok_2)
     print(f"facial prompt: {text.prompt_face}", file=sys.stderr)

@@ -417,13 +417,13 @@ def test_training_evaluation_takes_references_from_the_validation_split(tmp_path
 def test_the_reference_prompt_sheet_is_the_reference_repositorys():
     """`--prompts=reference` with the sheet's class words reproduces the reference repository's
     evaluation/EvaluationIMGs_stars_prompts.csv (kept in tests/data as it is there) row for row."""
-    from cid_jax import evaluate
+    from cid_jax import scoring
 
     with open(pathlib.Path(__file__).parent / "data" / "EvaluationIMGs_stars_prompts.csv", newline="") as f:
         sheet = [(r["Image_Name"], r["Prompt"]) for r in csv.DictReader(f)]
-    prompts = evaluate.read_prompts("reference")
-    words = evaluate.class_words(pathlib.Path(__file__).parent, "reference")  # tests/ has no class_words.json
-    ours = [(f"{name}.png", evaluate.fill(p, words[name])) for name in evaluate.REFERENCE_CLASS_WORDS for p in prompts]
+    prompts = scoring.read_prompts("reference")
+    words = scoring.class_words(pathlib.Path(__file__).parent, "reference")  # tests/ has no class_words.json
+    ours = [(f"{name}.png", scoring.fill(p, words[name])) for name in scoring.REFERENCE_CLASS_WORDS for p in prompts]
     assert len(sheet) == 675 and ours == sheet
     assert sum("img" in p.split() for p in prompts) == 13  # PhotoMaker's trigger word, kept verbatim
 

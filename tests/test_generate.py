@@ -1,6 +1,5 @@
 """Generation pipeline and CLI on tiny random models (CPU): the merge switch, the compiled loop,
 the CLI end to end with the offline face fallback, and the clear errors."""
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +8,14 @@ import pytest
 
 from cid_jax import cli
 from cid_jax import generate as gen
+from cid_jax import inference
 from cid_jax import sampling as pl
 
 
 @pytest.fixture(scope="session")
 def loaded(demo_workdir):
     """The demo run directory through the CLI's loader, LoRA kept apart (the trained tensors as they are)."""
-    return gen.load(str(demo_workdir[0]), fold_lora=False)
+    return inference.load(str(demo_workdir[0]), fold_lora=False)
 
 
 @pytest.fixture(scope="session")

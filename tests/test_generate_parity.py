@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from cid_jax import generate as gen  # noqa: E402
+from cid_jax import inference  # noqa: E402
 from cid_jax import sampling as pl  # noqa: E402
 from tests.helpers import (abstract_trainable, export_trainable, inference_demo_config, perturb_torch,  # noqa: E402
                            random_params)
@@ -49,7 +50,7 @@ def setup(tmp_path_factory):
     trainable = random_params(abstract_trainable(model), seed=2)
     ckpt = root / "consistentid.safetensors"
     export_trainable(trainable, config, ckpt)
-    loaded_trainable, _ = gen.load_trainable_file(ckpt, config)
+    loaded_trainable, _ = inference.load_trainable_file(ckpt, config)
 
     # PyTorch ConsistentID modules from the exported file.
     groups = {}

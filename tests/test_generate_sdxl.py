@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from cid_jax import export  # noqa: E402
-from cid_jax import generate as gen  # noqa: E402
+from cid_jax import inference  # noqa: E402
 from cid_jax import sampling as pl  # noqa: E402
 from cid_jax.data.batch import sdxl_time_ids  # noqa: E402
 from cid_jax.models import presets  # noqa: E402
@@ -43,18 +43,18 @@ def sdxl_run(tmp_path_factory):
     for seed, (sub, m) in enumerate(models.items()):
         perturb_torch(m, seed).save_pretrained(root / sub)
 
-    config = gen.base_config(str(root / "base"), str(root / "clip"))  # detects SDXL: text_encoder_2/
+    config = inference.base_config(str(root / "base"), str(root / "clip"))  # detects SDXL: text_encoder_2/
     assert config.model.variant == "sdxl" and config.model.projplus_shortcut
     config.model.lora_rank = TINY["lora_rank"]
     config.model.facial_encoder = ml_collections.ConfigDict(TINY["facial_encoder"])
-    config = gen.inference_config(config, "float32")
+    config = inference.inference_config(config, "float32")
     model = build_lib.build_modules(config)
     frozen = build_lib.load_frozen(model, config)
     trainable = random_params(abstract_trainable(model), seed=3)
     (ckpt,) = export.export_run(config, trainable, run.RunDir(root), step=0, out=root / "consistentid.safetensors")
-    loaded_trainable, _ = gen.load_trainable_file(ckpt, config)  # image_proj_model, SDXL layout
+    loaded_trainable, _ = inference.load_trainable_file(ckpt, config)  # image_proj_model, SDXL layout
     tok, tok_2 = build_lib.tokenizers_for(config)  # no tokenizer folders: the packaged vocabulary, pads <|endoftext|> / "!"
-    loaded = gen.Loaded(model, frozen, loaded_trainable, {"pairing": "reference"}, tok, dict(config.noise), tok_2)
+    loaded = inference.Loaded(model, frozen, loaded_trainable, {"pairing": "reference"}, tok, dict(config.noise), tok_2)
     return root, ckpt, loaded
 
 
@@ -71,7 +71,7 @@ def _face():
 def test_sdxl_text_batch_encodes_the_bare_prompt_for_the_text_only_branch(sdxl_run):
     root, _, loaded = sdxl_run
     # The CLI knows the variant before loading (it parses the photo at 1280 px for SDXL).
-    assert gen.variant("unused", str(root / "base")) == "sdxl" and gen.variant(str(root), None) == "sd15"
+    assert inference.variant("unused", str(root / "base")) == "sdxl" and inference.variant(str(root), None) == "sd15"
     photo, labels, emb = _face()
     face = pl.face_batch(photo, labels, emb)
     t = pl.text_batch("a woman on the moon", "", loaded.tokenizer, face.part_names, variant="sdxl",
@@ -88,7 +88,7 @@ def test_sdxl_generation_matches_pytorch(sdxl_run, merge):
     root, ckpt, loaded = sdxl_run
     photo, labels, emb = _face()
     prompt, negative, seeds = "a woman on the moon", "blurry", [0, 1]
-    ours = gen.generate(loaded, photo, labels, emb, [prompt], negative, seeds, steps=STEPS, guidance=7.5,
+    ours = inference.generate(loaded, photo, labels, emb, [prompt], negative, seeds, steps=STEPS, guidance=7.5,
                         merge_step=merge, sampler="euler", height=64, width=64)
 
     # The PyTorch side gets the same host inputs (what run_pytorch.py's main builds).

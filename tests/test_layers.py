@@ -7,7 +7,9 @@ statement counted, function-level ones included):
     weights/                 on-disk formats <-> param trees: never a trainer, a run or an entry point
     face/  data/             face analysis; FGID records and tf.data: no sampler, trainer or run
     build, run, metrics      the composition root; the run directory's one owner; the metric models
-    train trainer train_eval generate sampling evaluate export aot app   the entry points
+    sampling inference scoring trainer train_eval export   the libraries of the tools: making images,
+                             scoring them, training (no command-line module, no flag parsing)
+    train generate evaluate aot app   the command lines, which parse flags and call the libraries
     convert/                 thin command-line wrappers
 
 and there is no import cycle anywhere.
@@ -17,7 +19,9 @@ import pathlib
 
 from tests.helpers import REPO
 
-ENTRY_POINTS = ("train", "trainer", "train_eval", "generate", "sampling", "evaluate", "export", "aot", "app")
+ENTRY_POINTS = ("train", "trainer", "train_eval", "generate", "sampling", "inference", "scoring", "evaluate", "export",
+                "aot", "app")
+COMMAND_LINES = ("train", "generate", "evaluate", "aot", "app")
 ABOVE_DATA = ENTRY_POINTS + ("run", "build")
 
 
@@ -136,6 +140,15 @@ def test_only_the_tools_present_errors():
     g = import_graph()
     users = sorted(m for m, deps in g.items() if "cid_jax.cli" in deps and not any(_in(m, t) for t in tools))
     assert users == []
+
+
+def test_the_libraries_import_no_command_line():
+    """Training's evaluation, the app and evaluate's scoring use inference/scoring, never a CLI module."""
+    g = import_graph()
+    for m in ("cid_jax.inference", "cid_jax.scoring", "cid_jax.sampling", "cid_jax.trainer", "cid_jax.train_eval",
+              "cid_jax.export"):
+        assert _violations(g, m, forbidden=COMMAND_LINES) == [], m
+    assert "cid_jax.generate" not in g["cid_jax.evaluate"] and "cid_jax.evaluate" not in g["cid_jax.train_eval"]
 
 
 def test_build_and_run_sit_below_the_entry_points():

@@ -376,11 +376,11 @@ def test_bad_evaluation_input_is_one_line(scored_folder, tmp_path, damage, code,
 
 
 def test_metrics_json_is_valid_json_with_one_identity():
-    from cid_jax import evaluate, metrics
+    from cid_jax import metrics, scoring
 
     result = {"clip_i": metrics.mean_and_interval({"astronaut": [0.5, 0.7]})}
     assert result["clip_i"]["ci95"][0] != result["clip_i"]["ci95"][0]  # NaN: an interval of one identity
-    text = json.dumps(evaluate.finite_or_null(result), allow_nan=False)
+    text = json.dumps(scoring.finite_or_null(result), allow_nan=False)
     assert json.loads(text)["clip_i"] == {"mean": 0.6, "ci95": [None, None], "identities": 1}
 
 

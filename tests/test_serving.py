@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cid_jax import generate as gen
+from cid_jax import inference
 from cid_jax import sampling as pl
 from tests.helpers import REPO
 
@@ -107,8 +108,8 @@ def test_folded_lora_gives_the_unfolded_images(demo_workdir, face):
     from cid_jax import build
 
     workdir = str(demo_workdir[0])
-    unfolded = gen.load(workdir, dtype="float32", fold_lora=False)
-    folded = gen.load(workdir, dtype="float32", fold_lora=True)
+    unfolded = inference.load(workdir, dtype="float32", fold_lora=False)
+    folded = inference.load(workdir, dtype="float32", fold_lora=True)
     flat = [k for k in _leaf_paths(folded.trainable["adapter_modules"]) if "_lora" in k]
     assert flat == []  # the folded model has no LoRA parameters left
     # The adapters are non-trivial (random up kernels), so folding has something to fold.
@@ -118,10 +119,10 @@ def test_folded_lora_gives_the_unfolded_images(demo_workdir, face):
     # LoRA on vs off differs by far more than the tolerance, so the comparison above can fail.
     no_lora = dict(unfolded.trainable)
     no_lora["adapter_modules"] = build.fold_lora_weights(unfolded.frozen, unfolded.trainable)[1]["adapter_modules"]
-    assert np.abs(_images(gen.Loaded(folded.model, unfolded.frozen, no_lora, unfolded.metadata,
+    assert np.abs(_images(inference.Loaded(folded.model, unfolded.frozen, no_lora, unfolded.metadata,
                                      unfolded.tokenizer, unfolded.noise_config), face) - reference).max() > 1e-3
-    bf16_unfolded = _images(gen.load(workdir, dtype="bfloat16", fold_lora=False), face)
-    bf16_folded = _images(gen.load(workdir, dtype="bfloat16", fold_lora=True), face)
+    bf16_unfolded = _images(inference.load(workdir, dtype="bfloat16", fold_lora=False), face)
+    bf16_folded = _images(inference.load(workdir, dtype="bfloat16", fold_lora=True), face)
     err_unfolded = np.abs(bf16_unfolded - reference).max()
     err_folded = np.abs(bf16_folded - reference).max()
     assert err_folded <= 2 * err_unfolded + 1e-3, (err_folded, err_unfolded)
@@ -154,9 +155,9 @@ def test_a_prompts_file_in_batches_equals_one_image_at_a_time(demo_workdir, astr
     from cid_jax.face import template_parse
 
     photo = np.asarray(_png(astronaut_file).convert("RGB"))
-    loaded = gen.load(str(demo_workdir[0]))
+    loaded = inference.load(str(demo_workdir[0]))
     one_face = pl.face_batch(photo, template_parse(photo, 512), None)
-    alone, _ = gen.generate_requests(loaded, [gen.ImageRequest(one_face, p, s) for p, s in made],
+    alone, _ = inference.generate_requests(loaded, [inference.ImageRequest(one_face, p, s) for p, s in made],
                                      negative_prompt=gen.parse_args(["--checkpoint=x", "--image=y"]).negative_prompt,
                                      steps=2, guidance=5.0, merge_step=0, sampler="euler", height=64, width=64,
                                      batch_size=1)
