@@ -168,15 +168,22 @@ def facial_attention_maps(model, frozen, trainable, one, t: int = 400):
 
 
 class _Staged:
-    """Append-only files of a remote run directory, written in a local folder and uploaded whole at
-    each `sync()` (an object store cannot append): metrics.jsonl and the TensorBoard event files go
+    """Append-only files of a remote run directory, written in a local folder and uploaded whole by
+    `sync()` (an object store cannot append): metrics.jsonl and the TensorBoard event files go
     through the same file layer as everything else (`cid_jax.paths`), not a logger's own client. A
-    local run writes in place and `sync()` does nothing."""
+    local run writes in place and `sync()` does nothing.
+
+    Uploads are whole files, so `sync()` sends only files that changed, at most once every
+    `$CID_JAX_UPLOAD_EVERY_S` seconds (default 60): a long run's log costs O(run time / interval)
+    uploads, not one per log line. `close()` (the run's end, a preemption) always uploads."""
 
     def __init__(self, run):
         import tempfile
 
         self.run = run
+        self.every_s = float(os.environ.get("CID_JAX_UPLOAD_EVERY_S", "60"))
+        self._last = float("-inf")
+        self._sent: dict[str, tuple[int, int]] = {}
         self.local = None if not run.remote else pathlib.Path(tempfile.mkdtemp(prefix="cid_jax-run-"))
         if self.local is not None and run.metrics_file.exists():  # a resumed run appends
             paths.copy_file(run.metrics_file, self.local / run.metrics_file.name)
@@ -184,15 +191,23 @@ class _Staged:
     def where(self, target):
         return target if self.local is None else self.local / target.relative_to(self.run.root)
 
-    def sync(self) -> None:
-        if self.local is None:
+    def sync(self, force: bool = False) -> None:
+        import time
+
+        if self.local is None or (not force and time.monotonic() - self._last < self.every_s):
             return
+        self._last = time.monotonic()
         for f in sorted(self.local.rglob("*")):
-            if f.is_file():
-                paths.copy_file(f, self.run.root / f.relative_to(self.local).as_posix())
+            if not f.is_file():
+                continue
+            stat = f.stat()
+            rel = f.relative_to(self.local).as_posix()
+            if self._sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                paths.copy_file(f, self.run.root / rel)
+                self._sent[rel] = (stat.st_size, stat.st_mtime_ns)
 
     def close(self) -> None:
-        self.sync()
+        self.sync(force=True)
         if self.local is not None:
             import shutil
 
