@@ -218,11 +218,16 @@ def load_metric_models(*, clip_model: Optional[str] = None, dino_model: Optional
     and BiSeNet's weights for the FGIS regions (else the offline detector + template)."""
     from cid_jax.face import FaceAnalyzer
 
+    from cid_jax import paths
+
     out = MetricModels()
     for flag, value in (("--clip_model", clip_model), ("--dino_model", dino_model),
                         ("--face_models", face_models), ("--inception", inception)):
-        if value and not pathlib.Path(value).expanduser().exists():
+        if value and not paths.path(value).exists():
             raise errors.MissingError(f"{flag}={value} does not exist")
+    # Each format reads a local folder or file: a gs:// one is copied once into the local cache.
+    clip_model, dino_model, face_models, inception = (
+        str(paths.local_copy(v)) if v else v for v in (clip_model, dino_model, face_models, inception))
     if clip_model:
         from cid_jax.text import CLIPTokenizer
         from cid_jax.weights.clip import load_clip_text_with_projection, load_clip_vision_with_projection

@@ -386,7 +386,13 @@ def _main(argv) -> int:
 
     cli.setup_logging()
     args = parse_args(argv)
-    base = pathlib.Path(args.base)
+    from cid_jax import paths
+
+    base = paths.local_copy(args.base)  # a gs:// folder is copied once into the local cache
+    if args.image_encoder:
+        args.image_encoder = str(paths.local_copy(args.image_encoder))
+    if paths.is_remote(args.checkpoint):
+        args.checkpoint = str(paths.local_copy(args.checkpoint))
     for sub in ("unet", "vae", "text_encoder"):
         if not (base / sub / "config.json").exists():
             raise cli.MissingError(f"{base / sub}/config.json not found (--base must be a diffusers SD1.5 "
