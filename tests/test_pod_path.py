@@ -235,3 +235,23 @@ def test_one_host_run_continued_by_two_and_a_killed_run_rerun(gcs, datasets, ref
     resumed = trainer.train(config(remote), killed)
     assert resumed.step == STEPS
     close(resumed.trainable, reference)
+
+
+def test_metric_models_from_gcs_equal_local(gcs, tmp_path):
+    """A metric model folder on gs:// (here DINO, a transformers ViTModel) is copied once into the
+    local cache and gives the same embeddings as the same folder on disk."""
+    import skimage.data
+    import transformers
+
+    from cid_jax import metrics
+
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=64, patch_size=16),
+                          add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    paths.copy_tree(tmp_path / "dino", f"gs://{BUCKET}/models/dino")
+    remote = metrics.load_metric_models(dino_model=f"gs://{BUCKET}/models/dino").dino
+    local = metrics.load_metric_models(dino_model=str(tmp_path / "dino")).dino
+    photo = skimage.data.astronaut()
+    np.testing.assert_array_equal(remote.embed(remote.preprocess(photo)[None]), local.embed(local.preprocess(photo)[None]))
+    with pytest.raises(cli.MissingError, match="--dino_model=gs://cid-pod/models/none does not exist"):
+        metrics.load_metric_models(dino_model=f"gs://{BUCKET}/models/none")
