@@ -194,7 +194,7 @@ def test_both_command_lines_keep_right_side_parts(setup, tmp_path, capsys, caplo
               f"--image_encoder={root / 'clip'}", f"--image={tmp_path / 'face.png'}",
               f"--parsing={tmp_path / 'parsing.png'}", "--prompt=a portrait", "--steps=3", "--merge_step=1",
               "--height=64", "--width=64", "--seed=5"]
-    with caplog.at_level("INFO", logger="cid_jax.generate"):
+    with caplog.at_level("INFO", logger="cid_jax"):  # the line comes from cid_jax.inference
         assert gen.main(common + ["--dtype=float32", f"--out={tmp_path / 'jax.png'}"]) == 0
     ours_prompt = [r.getMessage() for r in caplog.records if r.getMessage().startswith("facial prompt:")]
     spec = importlib.util.spec_from_file_location("run_pytorch", pathlib.Path(__file__).resolve().parent.parent

@@ -206,8 +206,6 @@ def test_export_leaves_no_temporary_file_on_failure(trained, tmp_path, monkeypat
         import to_pytorch
     finally:
         sys.path.pop(0)
-    import safetensors.numpy
-
     from cid_jax.weights.state_dict import read_state_dict
 
     def contents(path):  # tensors and metadata (the header's metadata order is not fixed)
@@ -216,15 +214,15 @@ def test_export_leaves_no_temporary_file_on_failure(trained, tmp_path, monkeypat
     out = tmp_path / "model.safetensors"
     assert to_pytorch.main([f"--checkpoint={trained}", f"--out={out}"]) == 0
     good = contents(out)
-    real = safetensors.numpy.save_file
+    real = pathlib.Path.write_bytes
 
-    def interrupted(tensors, filename, metadata=None):
-        pathlib.Path(filename).write_bytes(b"half a file")
+    def interrupted(self, data):  # the export's bytes, half written when Ctrl-C arrives
+        real(self, data[:len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", interrupted)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", interrupted)
     assert to_pytorch.main([f"--checkpoint={trained}", f"--out={out}"]) == 130
-    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", real)
     assert contents(out) == good and not list(tmp_path.glob(".model.safetensors.*"))
     stale = tmp_path / ".model.safetensors.k1ll3d.tmp"   # what SIGKILL mid-write leaves
     stale.write_bytes(b"x" * 1000)
