@@ -38,18 +38,18 @@ def base_config(base: Optional[str], image_encoder: Optional[str]):
     config.model.dtype = "float32"
     if not base:
         raise errors.MissingError("--base (a diffusers Stable Diffusion 1.5 or SDXL folder) is needed for this "
-                               "checkpoint")
+                                  "checkpoint")
     base_path = build_lib.weights_folder(base)
     if not base_path.is_dir():
         raise errors.MissingError(f"base model folder {base_path} does not exist; expected a diffusers SD1.5 or SDXL "
-                               "folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/)")
+                                  "folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/)")
     if presets.is_sdxl_folder(base_path):  # the reference SDXL pipeline's settings
         config.model.variant = "sdxl"
         config.model.projplus_shortcut = True
     enc = build_lib.weights_folder(image_encoder) if image_encoder else base_path / "image_encoder"
     if not (enc / "config.json").exists():
         raise errors.MissingError(f"CLIP image encoder folder {enc} not found (config.json missing); pass "
-                               "--image_encoder=<laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder>")
+                                  "--image_encoder=<laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder>")
     config.model.base, config.model.image_encoder = str(base_path), str(enc)
     return config
 
@@ -139,7 +139,7 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
     ckpt = paths.path(checkpoint)
     if not ckpt.exists():
         raise errors.MissingError(f"checkpoint {ckpt} does not exist (a training run directory, an exported "
-                               ".safetensors or a reference ConsistentID .bin)")
+                                  ".safetensors or a reference ConsistentID .bin)")
     run = run_lib.RunDir.of(ckpt) if run_lib.RunDir.looks_like_run(ckpt) else None
     if run is None:
         ckpt = paths.local_copy(checkpoint)  # a weights file: read (memory-mapped) locally
@@ -163,7 +163,7 @@ def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[st
                        if p.suffix in (".safetensors", ".bin") and p != run.frozen_file)
         if len(files) != 1:
             raise errors.MissingError(f"{run.root}: no checkpoints/ and no single exported *.safetensors/*.bin "
-                                   f"(found {[p.name for p in files]})")
+                                      f"(found {[p.name for p in files]})")
         trainable, metadata = load_trainable_file(paths.local_copy(files[0]), config)
         metadata.setdefault("pairing", config.data.get("pairing", "reference"))
     else:
@@ -349,7 +349,7 @@ def read_prompts_file(path: str, flag: str = "--prompts_file") -> list[str]:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise errors.InputError(f"{flag}={path} is not a UTF-8 text file ({e.reason} at byte {e.start}); give one "
-                             "prompt per line") from None
+                                "prompt per line") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise errors.InputError(f"{flag}={path} holds no prompt (one per line)")

@@ -486,7 +486,7 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise errors.BusyError(f"{self.run.root} is being trained by another process ({holder or 'unknown'}): "
-                                "wait for it to finish, or give this run another --workdir") from None
+                                   "wait for it to finish, or give this run another --workdir") from None
         if holder:
             logging.warning("took over the lock of %s, which is no longer running", holder)
         os.ftruncate(fd, 0)
@@ -564,13 +564,13 @@ class ObjectLease(RunLock):
             age = time.time() - float(current.get("renewed", 0))
             if age < float(current.get("ttl_s", self.ttl_s)):
                 raise errors.BusyError(f"{self.run.root} is being trained by another process ({current.get('holder')}; "
-                                    f"its lease was renewed {age:.0f} s ago): wait for it to finish, or give this "
-                                    "run another --workdir")
+                                       f"its lease was renewed {age:.0f} s ago): wait for it to finish, or give this "
+                                       "run another --workdir")
             logging.warning("took over the lease of %s on %s: not renewed for %.0f s", current.get("holder"),
                             self.run.root, age)
         if not self._write(generation):
             raise errors.BusyError(f"{self.run.root}: another process took the run's lease at the same moment; "
-                                "give this run another --workdir")
+                                   "give this run another --workdir")
         self._thread = threading.Thread(target=self._renew, name="cid_jax-lease", daemon=True)
         self._thread.start()
         return self

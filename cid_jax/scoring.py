@@ -166,7 +166,7 @@ def read_manifest(manifest: pathlib.Path) -> list[Generated]:
             missing = [c for c in ("image", "reference") if c not in (reader.fieldnames or [])]
             if missing:
                 raise errors.InputError(f"{manifest} has no {' or '.join(missing)} column (columns: image, reference, "
-                                     "prompt, seed)")
+                                        "prompt, seed)")
             rows = list(reader)
     except UnicodeDecodeError as e:
         raise errors.InputError(f"{manifest} is not a UTF-8 CSV file ({e.reason})") from None

@@ -49,12 +49,12 @@ def step_batch(config, n_devices: int) -> int:
     gb, fsdp, data = int(config.train.global_batch), int(config.mesh.fsdp), int(config.mesh.data)
     if n_devices % fsdp or (data != -1 and data * fsdp != n_devices):
         raise errors.InputError(f"mesh data={data} x fsdp={fsdp} does not fit the {n_devices} devices: keep "
-                             f"--config.mesh.data=-1 and pick an --config.mesh.fsdp that divides {n_devices}")
+                                f"--config.mesh.data=-1 and pick an --config.mesh.fsdp that divides {n_devices}")
     if gb % accum or (gb // accum) % n_devices:
         per = n_devices * accum
         raise errors.InputError(f"--config.train.global_batch={gb} with grad_accum={accum} does not give every "
-                             f"one of the {n_devices} devices a whole sample per step: use a multiple of {per}, "
-                             f"e.g. --config.train.global_batch={per} (1 sample per device per step)")
+                                f"one of the {n_devices} devices a whole sample per step: use a multiple of {per}, "
+                                f"e.g. --config.train.global_batch={per} (1 sample per device per step)")
     return gb // accum
 
 
@@ -76,7 +76,7 @@ def validate(config, workdir=None) -> None:
     elif not config.data.synthetic:
         builder_hint = "python -m cid_jax.data.builder {reference,folder,synthetic} --out=DIR"
         raise errors.InputError(f"no training data: set --config.data.path to a built FGID dataset ({builder_hint}) "
-                             "or --config.data.synthetic=N for N synthetic faces")
+                                "or --config.data.synthetic=N for N synthetic faces")
     if workdir is not None:
         paths.check_writable(workdir, "--workdir")
 

@@ -31,7 +31,7 @@ class FaceAnalyzer:
             path = pathlib.Path(parser_weights).expanduser()
             if not path.exists():
                 raise errors.MissingError(f"face parsing weights {path} not found; expected BiSeNet's 79999_iter.pth "
-                                       "(also published as face_parsing.pth)")
+                                          "(also published as face_parsing.pth)")
             from cid_jax.face.bisenet import load_bisenet
 
             self.parser = load_bisenet(path)

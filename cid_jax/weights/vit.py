@@ -93,7 +93,7 @@ def vit_config_from_folder(folder: os.PathLike) -> ViTConfig:
     if model_type != "vit":
         arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
         raise errors.InputError(f"{folder} is not a ViT checkpoint: its config.json has model_type "
-                             f"{model_type!r} ({arch}); expected 'vit' (e.g. facebook/dino-vits16)")
+                                f"{model_type!r} ({arch}); expected 'vit' (e.g. facebook/dino-vits16)")
     try:
         return ViTConfig.from_dict(config)
     except ValueError as e:
