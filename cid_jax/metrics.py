@@ -89,7 +89,7 @@ class ImageProcessing:
             rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling(self.resample)))
         if self.crop is not None:
             ch, cw = self.crop
-            top, left = (new_h - ch) // 2, (new_w - cw) // 2
+            top, left = clip_lib.center_crop_box(new_h, new_w, ch)[0], clip_lib.center_crop_box(new_h, new_w, cw)[1]
             if top < 0 or left < 0:
                 raise errors.InputError(f"the image processor crops {ch}x{cw} from a {new_h}x{new_w} resize")
             rgb = rgb[top:top + ch, left:left + cw]

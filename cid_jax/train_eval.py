@@ -99,17 +99,18 @@ def dataset_references(config) -> Optional[list[EvalReference]]:
 
 
 def photo_references(config) -> list[EvalReference]:
-    from cid_jax import scoring
-    from cid_jax import inference
+    from cid_jax import inference, scoring
     from cid_jax import sampling as pl
     from cid_jax.face import FaceAnalyzer
 
     e = config.eval
     analyzer = FaceAnalyzer(e.parser_weights or None, e.face_models or None)
-    words = scoring.class_words(e.references)
+    with paths.local_folder(e.references) as folder:  # a gs:// folder is downloaded; the photos are read now
+        words = scoring.class_words(folder)
+        photos = {name: inference.read_image(str(path)) for name, path in scoring.read_references(folder).items()}
     out = []
-    for name, path in scoring.read_references(e.references).items():
-        photo = inference.read_image(str(path))
+    for name, photo in photos.items():
+        path = f"{e.references}/{name}"
         try:
             face = pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[config.model.variant].parse_size),
                                  analyzer.id_embedding(photo))
