@@ -12,7 +12,8 @@ Orbax writes checkpoints through tensorstore, which has its own GCS driver
 (`TENSORSTORE_GCS_HTTP_URL` points it at an emulator).
 
 What a format needs as a local file (safetensors memory maps, torch.load, a tokenizer folder, ONNX)
-comes through `local_copy`: downloaded once into a cache, with a progress bar.
+comes through `local_copy`: downloaded into a cache once per version of the remote content, with a
+progress bar.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def move_tree(src: PathLike, dst: PathLike) -> None:
 @contextlib.contextmanager
 def local_folder(p: PathLike) -> Iterator[pathlib.Path]:
     """A local folder holding what `p` holds: `p` itself, or for a remote folder a fresh download
-    (a tool's inputs such as photos to score change between runs, unlike `local_copy`'s weights)."""
+    (a tool's inputs, such as photos to score, are read once, so nothing is kept)."""
     if not is_remote(p):
         yield pathlib.Path(os.path.expanduser(os.fspath(p)))
         return
@@ -204,30 +205,53 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("CID_JAX_REMOTE_CACHE", default))
 
 
+def remote_listing(p: PathLike) -> dict[str, tuple[int, str]]:
+    """Every object at or below the remote `p`, one listing call: {name relative to `p` ('' for `p`
+    itself): (size, version)}; the version is the store's own (a GCS generation, an S3 ETag), so a
+    rewritten object, even one of the same size, has a new one."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(p))
+    root = root.rstrip("/")
+    out = {}
+    for name, info in fs.find(root, detail=True).items():
+        version = next((str(info[k]) for k in ("generation", "ETag", "etag", "md5Hash", "mtime", "LastModified")
+                        if info.get(k) is not None), "")
+        rel = name[len(root):].lstrip("/")
+        if not name.endswith("/"):  # a folder marker some tools write is not a file
+            out[rel] = (int(info.get("size") or 0), version)
+    return out
+
+
 def local_copy(p: PathLike) -> pathlib.Path:
-    """A local path for `p`: itself when local; for a remote file or folder, a copy in `cache_root()`
-    made once (a marker says it is complete; an interrupted copy is redone), with a progress bar."""
+    """A local path for `p`: itself when local; for a remote file or folder, a copy in `cache_root()`.
+
+    The copy is keyed by the URL and by what the store holds there now (every object's name, size
+    and version), so a folder rewritten in place is fetched again, not served stale; a marker says
+    a copy is complete (an interrupted one is redone); older copies of the same URL are removed."""
     if not is_remote(p):
         return pathlib.Path(os.path.expanduser(os.fspath(p)))
     src = path(p)
-    key = hashlib.sha256(os.fspath(src).encode()).hexdigest()[:16]
-    dst = cache_root() / key / src.name
+    listing = remote_listing(src)
+    if not listing:
+        raise FileNotFoundError(f"{src} does not exist")
+    url_key = hashlib.sha256(os.fspath(src).encode()).hexdigest()[:16]
+    content_key = hashlib.sha256(repr(sorted(listing.items())).encode()).hexdigest()[:16]
+    dst = cache_root() / url_key / content_key / src.name
     done = dst.parent / ".complete"
     if done.exists():
         return dst
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist")
-    files = [src] if not src.is_dir() else [src / rel for rel in files_under(src)]
-    total = sum(f.stat().length for f in files)
+    for old in (cache_root() / url_key).glob("*"):
+        shutil.rmtree(old, ignore_errors=True)
+    total = sum(size for size, _ in listing.values())
     from tqdm import tqdm
 
-    log.info("copying %s (%d file(s), %.1f MiB) to %s", src, len(files), total / 2**20, dst)
-    shutil.rmtree(dst.parent, ignore_errors=True)
+    log.info("copying %s (%d file(s), %.1f MiB) to %s", src, len(listing), total / 2**20, dst)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"copying {src.name}", leave=False) as bar:
-        for f in files:
-            out = dst if f == src else dst / f.relative_to(src)
+        for rel in sorted(listing):
+            out = dst / rel if rel else dst
             out.parent.mkdir(parents=True, exist_ok=True)
-            with f.open("rb") as fin, open(out, "wb") as fout:
+            with (src / rel if rel else src).open("rb") as fin, open(out, "wb") as fout:
                 while chunk := fin.read(_CHUNK):
                     fout.write(chunk)
                     bar.update(len(chunk))

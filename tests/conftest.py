@@ -19,6 +19,10 @@ _REPO = pathlib.Path(__file__).resolve().parent.parent
 # `configs.*` and `tests.*` import from the repo root; subprocesses inherit it via PYTHONPATH.
 sys.path.insert(0, str(_REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
+# Remote inputs are copied into a cache of this test session's own, never the user's ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ["CID_JAX_REMOTE_CACHE"] = tempfile.mkdtemp(prefix="cid_jax-test-remote-cache-")
 _CACHE = _REPO / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")

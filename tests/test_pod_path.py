@@ -238,20 +238,43 @@ def test_one_host_run_continued_by_two_and_a_killed_run_rerun(gcs, datasets, ref
 
 
 def test_metric_models_from_gcs_equal_local(gcs, tmp_path):
-    """A metric model folder on gs:// (here DINO, a transformers ViTModel) is copied once into the
-    local cache and gives the same embeddings as the same folder on disk."""
+    """A metric model folder on gs:// (here DINO, a transformers ViTModel) is copied into the local
+    cache and gives the same embeddings as the same folder on disk, also after the remote folder was
+    rewritten in place with other weights (the cache is keyed by the objects' versions, not the URL)."""
     import skimage.data
+    import torch
     import transformers
 
     from cid_jax import metrics
 
-    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                 intermediate_size=64, image_size=64, patch_size=16),
-                          add_pooling_layer=False).save_pretrained(tmp_path / "dino")
-    paths.copy_tree(tmp_path / "dino", f"gs://{BUCKET}/models/dino")
-    remote = metrics.load_metric_models(dino_model=f"gs://{BUCKET}/models/dino").dino
-    local = metrics.load_metric_models(dino_model=str(tmp_path / "dino")).dino
+    def save_model(seed, folder):
+        torch.manual_seed(seed)
+        transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=64, image_size=64, patch_size=16),
+                              add_pooling_layer=False).save_pretrained(folder)
+        paths.copy_tree(folder, f"gs://{BUCKET}/models/dino")
+
     photo = skimage.data.astronaut()
-    np.testing.assert_array_equal(remote.embed(remote.preprocess(photo)[None]), local.embed(local.preprocess(photo)[None]))
+    for seed in (0, 1):  # the second model overwrites the first at the same URL
+        save_model(seed, tmp_path / f"dino{seed}")
+        remote = metrics.load_metric_models(dino_model=f"gs://{BUCKET}/models/dino").dino
+        local = metrics.load_metric_models(dino_model=str(tmp_path / f"dino{seed}")).dino
+        np.testing.assert_array_equal(remote.embed(remote.preprocess(photo)[None]),
+                                      local.embed(local.preprocess(photo)[None]))
     with pytest.raises(cli.MissingError, match="--dino_model=gs://cid-pod/models/none does not exist"):
         metrics.load_metric_models(dino_model=f"gs://{BUCKET}/models/none")
+
+
+def test_a_remote_file_is_copied_once_per_version(gcs):
+    """`local_copy` reuses its copy while the object is unchanged, fetches a rewrite of the same size,
+    and redoes a copy that a killed process left incomplete."""
+    url = f"gs://{BUCKET}/cache-test/weights.bin"
+    paths.path(url).write_bytes(b"one")
+    first = paths.local_copy(url)
+    assert first.read_bytes() == b"one" and paths.local_copy(url) == first
+    paths.path(url).write_bytes(b"two")
+    second = paths.local_copy(url)
+    assert second.read_bytes() == b"two" and not first.exists()  # the old version's copy is removed
+    (second.parent / ".complete").unlink()
+    second.write_bytes(b"tw")  # as a killed copy leaves it
+    assert paths.local_copy(url).read_bytes() == b"two"
