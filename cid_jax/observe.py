@@ -168,10 +168,11 @@ def facial_attention_maps(model, frozen, trainable, one, t: int = 400):
 
 
 class _Staged:
-    """Append-only files of a remote run directory, written in a local folder and uploaded whole by
-    `sync()` (an object store cannot append): metrics.jsonl and the TensorBoard event files go
-    through the same file layer as everything else (`cid_jax.paths`), not a logger's own client. A
-    local run writes in place and `sync()` does nothing.
+    """The log files of a remote run directory, written in a local folder and uploaded whole by
+    `sync()` (an object store cannot append): metrics.jsonl, the TensorBoard event files, the
+    attention images and the loss curves go through the same file layer as everything else
+    (`cid_jax.paths`), not a logger's own client. A local run writes in place and `sync()` does
+    nothing.
 
     Uploads are whole files, so `sync()` sends only files that changed, at most once every
     `$CID_JAX_UPLOAD_EVERY_S` seconds (default 60): a long run's log costs O(run time / interval)
@@ -184,6 +185,7 @@ class _Staged:
         self.every_s = float(os.environ.get("CID_JAX_UPLOAD_EVERY_S", "60"))
         self._last = float("-inf")
         self._sent: dict[str, tuple[int, int]] = {}
+        self._failing = False
         self.local = None if not run.remote else pathlib.Path(tempfile.mkdtemp(prefix="cid_jax-run-"))
         if self.local is not None and run.metrics_file.exists():  # a resumed run appends
             paths.copy_file(run.metrics_file, self.local / run.metrics_file.name)
@@ -192,11 +194,29 @@ class _Staged:
         return target if self.local is None else self.local / target.relative_to(self.run.root)
 
     def sync(self, force: bool = False) -> None:
+        """Uploads what changed. A failed upload during the run (the store briefly unreachable) is
+        logged once and retried at the next interval: the files are safe in the local folder, and
+        losing a pod run to a log upload would cost far more. A forced upload raises."""
         import time
 
         if self.local is None or (not force and time.monotonic() - self._last < self.every_s):
             return
         self._last = time.monotonic()
+        try:
+            self._upload_changed()
+        except Exception as e:  # noqa: BLE001 - each object-store client raises its own types
+            if force:
+                raise
+            if not self._failing:
+                logging.warning("could not upload the run's logs to %s (%s); trying again in %.0f s",
+                                self.run.root, paths.describe_error(e), self.every_s)
+            self._failing = True
+            return
+        if self._failing:
+            logging.info("the run's logs are uploaded to %s again", self.run.root)
+            self._failing = False
+
+    def _upload_changed(self) -> None:
         for f in sorted(self.local.rglob("*")):
             if not f.is_file():
                 continue
@@ -282,13 +302,14 @@ class Writer:
             return
         maps, image, valid = (np.asarray(jax.device_get(x)) for x in (maps, image, valid))
         pic = attention_overlay(image, maps, valid)
-        paths.write_atomic(self.run.images / f"attention_{step:07d}.png", lambda tmp: pic.save(tmp, format="PNG"))
+        paths.write_atomic(self._staged.where(self.run.images / f"attention_{step:07d}.png"),
+                           lambda tmp: pic.save(tmp, format="PNG"))
         self._tb.add_image("attention/facial_tokens", np.asarray(pic), step, dataformats="HWC")
 
     def close(self, history: Sequence[Mapping[str, float]]) -> None:
         if not self.active:
             return
-        plot_curves(history, ["loss", "noise_loss", "facial_loss", "grad_norm"], self.run.curves)
         self._tb.close()
         self._jsonl.close()
+        plot_curves(history, ["loss", "noise_loss", "facial_loss", "grad_norm"], self._staged.where(self.run.curves))
         self._staged.close()

@@ -103,7 +103,9 @@ def write_atomic(target: PathLike, write: Callable[[str], None]) -> None:
         _write_atomic(target, write)
     except OSError as e:
         if e.errno is not None and e.filename != os.fspath(target):  # name the file the user asked for, not a temporary
-            raise type(e)(e.errno, e.strerror, os.fspath(target)) from e
+            # OSError(errno, ...) is the errno's own subclass (FileNotFoundError ...); a client's
+            # subclass (aiohttp's connection error) has another constructor.
+            raise OSError(e.errno, e.strerror, os.fspath(target)) from e
         raise
 
 

@@ -136,10 +136,31 @@ def _handlers(ocdbt: bool = True):
     return registry
 
 
+def store_retries() -> dict:
+    """tensorstore's context resources that bound its retries of a failing object store, from
+    `$CID_JAX_STORE_RETRIES` (the number of retries; unset: tensorstore's own 32, backing off up
+    to 32 s apart, which rides out an outage of about a quarter of an hour before a save fails)."""
+    n = os.environ.get("CID_JAX_STORE_RETRIES")
+    if not n:
+        return {}
+    retries = {"max_retries": int(n), "initial_delay": "0.5s", "max_delay": "4s"}
+    return {"gcs_request_retries": retries, "s3_request_retries": retries}
+
+
+def _bound_orbax_store_retries() -> None:
+    """orbax opens every checkpoint array with a context built from its module defaults and takes
+    no context from its caller, so the retry bound is added to those defaults."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    for defaults in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+        defaults.update(store_retries())
+
+
 def checkpoint_manager(run: RunDir, config=None, *, read_only: bool = False):
     """The orbax CheckpointManager of the run (`config` sets interval, keep and async saving)."""
     import orbax.checkpoint as ocp
 
+    _bound_orbax_store_retries()
     if read_only:  # orbax warns that a read-only manager saves nothing, which is the point
         import logging as std_logging
 
@@ -576,6 +597,7 @@ class ObjectLease(RunLock):
         return self
 
     def _renew(self) -> None:
+        failing_since = None
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 if not self._write(self._generation):
@@ -583,7 +605,15 @@ class ObjectLease(RunLock):
                     logging.error("%s; this run stops at the next step", self.lost)
                     return
             except Exception as e:  # noqa: BLE001 - the store briefly unreachable: try again next time
-                logging.warning("could not renew the lease on %s (%s); retrying", self.run.root, e)
+                if failing_since is None:  # once per outage, not at every try
+                    failing_since = time.monotonic()
+                    logging.warning("could not renew the lease on %s (%s); retrying every %.0f s", self.run.root,
+                                    _first_cause(e), self.ttl_s / 4)
+                continue
+            if failing_since is not None:
+                logging.info("the lease on %s is renewed again, after %.0f s", self.run.root,
+                             time.monotonic() - failing_since)
+                failing_since = None
 
     def release(self) -> None:
         if self._thread is None:
@@ -607,7 +637,7 @@ def _kvstore_of(url):
     scheme, _, rest = str(url).partition("://")
     bucket, _, key = rest.partition("/")
     driver = {"gs": "gcs", "s3": "s3"}[scheme]
-    return ts.KvStore.open({"driver": driver, "bucket": bucket}).result(), key
+    return ts.KvStore.open({"driver": driver, "bucket": bucket}, context=ts.Context(store_retries())).result(), key
 
 
 # ----------------------------------------------------------------------- resuming with a config

@@ -286,7 +286,8 @@ def _warn_if_disk_low(run: run_lib.RunDir, state_bytes: int) -> None:
 
 
 class SaveFailed(errors.UserError):
-    """A checkpoint could not be written (the cause is in the message; the run stopped cleanly)."""
+    """A checkpoint or the run's logs could not be written (the cause is in the message; the run
+    stopped cleanly)."""
     code = errors.EXIT_FAILED
 
 
@@ -402,7 +403,7 @@ def _train(config, run: run_lib.RunDir, batches, observe, lock=None) -> RunResul
     progress = observe.progress(total, start, max(config.train.log_every, total // 20))
     pending_batch = first
     t_log, step_at_log = time.perf_counter(), start
-    save_failed = False
+    save_failed = failing = False
     try:
         while step < total:
             batch = pending_batch if pending_batch is not None else global_batch(next(it), placement)
@@ -450,7 +451,10 @@ def _train(config, run: run_lib.RunDir, batches, observe, lock=None) -> RunResul
             if lock is not None and lock.lost:
                 raise errors.BusyError(f"{lock.lost}; stopped at step {step}")
     except SaveFailed:
-        save_failed = True
+        save_failed = failing = True
+        raise
+    except BaseException:
+        failing = True
         raise
     finally:
         progress.close()
@@ -470,5 +474,12 @@ def _train(config, run: run_lib.RunDir, batches, observe, lock=None) -> RunResul
             manager.close()
         except Exception as e:  # noqa: BLE001 - an async save's error, already reported above
             logging.error("closing the checkpoint manager: %s", run_lib._first_cause(e))
-        writer.close(history)
+        try:
+            writer.close(history)
+        except Exception as e:  # noqa: BLE001 - the store's own error types
+            if failing:  # the error already on its way says what went wrong first
+                logging.error("the run's logs could not be written to %s: %s", run.root, paths.describe_error(e))
+            else:
+                raise SaveFailed(f"the run's logs could not be written to {run.root} ({paths.describe_error(e)}); "
+                                 f"the checkpoint of step {step} is saved") from e
     return RunResult(step, history, run.root, preempted, jax.device_get(state.params))

@@ -180,6 +180,45 @@ def test_store_errors_are_one_line(gcs, datasets):
         trainer.validate(config(f"gs://{BUCKET}/nowhere"))
 
 
+def test_the_store_going_away_mid_save_is_one_line_and_the_rerun_resumes(gcs, datasets, reference, monkeypatch):
+    """The emulator stops as step 4 is saved: the run stops with one line naming the failed save and
+    the last good step (2); nothing half-written is taken as a checkpoint; once the store is back a
+    rerun resumes from step 2 and ends where the uninterrupted run ended."""
+    _, remote = datasets
+    workdir = f"gs://{BUCKET}/runs/outage"
+    monkeypatch.setenv("CID_JAX_STORE_RETRIES", "1")  # fail in seconds, not tensorstore's quarter hour
+    monkeypatch.setenv("CID_JAX_LEASE_TTL_S", str(LEASE_TTL_S))  # the lease it could not remove goes stale
+    # gcsfs (the run's other files) retries 6 times, backing off 1 s, 2 s, ... 16 s, a fixed number:
+    # the same tries, without their minute of waiting.
+    import asyncio
+    import types
+
+    import gcsfs.retry
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=lambda s: asyncio.sleep(min(s, 0.05))))
+    save = run.save
+
+    def save_into_an_outage(manager, state, cfg, force=False):
+        if int(state.step) == 4 and not force:
+            gcs.stop()
+        return save(manager, state, cfg, force=force)
+
+    monkeypatch.setattr(run, "save", save_into_an_outage)
+    t0 = time.time()
+    try:
+        with pytest.raises(trainer.SaveFailed, match=r"step 4 .*The last good checkpoint is step 2") as failure:
+            trainer.train(config(remote), workdir)
+    finally:
+        gcs.start()
+    assert "\n" not in str(failure.value) and time.time() - t0 < 300
+    monkeypatch.setattr(run, "save", save)
+    assert steps_saved(workdir)[-1] == 2  # step 4 was never committed
+    time.sleep(LEASE_TTL_S + 1)
+    resumed = trainer.train(config(remote), workdir)
+    assert resumed.history[0]["step"] == 3 and resumed.step == STEPS
+    jax.tree.map(np.testing.assert_array_equal, resumed.trainable, reference)
+
+
 # ----------------------------------------------------------------------------------- many hosts
 
 
