@@ -47,8 +47,9 @@ def report(name: str, error: BaseException) -> int:
     else:
         code = EXIT_FAILED
     message = str(error) or type(error).__name__
-    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename:
-        message = f"{error.strerror or message}: {error.filename}"
+    if isinstance(error, OSError) and not isinstance(error, UserError):
+        # an object store's client puts the status and the server's message on separate lines
+        message = f"{error.strerror or message}: {error.filename}" if error.filename else " ".join(message.split())
     print(f"{name}: error: {message}", file=sys.stderr)
     if not isinstance(error, UserError):
         print(f"{name}: run again with --debug (or CID_DEBUG=1) for the traceback", file=sys.stderr)

@@ -85,6 +85,20 @@ def check_writable(folder: PathLike, flag: str) -> None:
                                 "can write to") from None
 
 
+@contextlib.contextmanager
+def reading(flag: str, value: PathLike) -> Iterator[None]:
+    """A store's refusal while reading a user's path (a 403, an unreachable endpoint, a local
+    permission) becomes one line naming the flag and the path; user errors pass as they are."""
+    from cid_jax import errors
+
+    try:
+        yield
+    except errors.UserError:
+        raise
+    except OSError as e:
+        raise errors.InputError(f"{flag}={value} cannot be read ({describe_error(e)})") from None
+
+
 def copy_file(src: PathLike, dst: PathLike) -> None:
     """Streams one file between any two places (local or remote), without holding it in memory."""
     src, dst = path(src), path(dst)

@@ -66,13 +66,17 @@ def validate(config, workdir=None) -> None:
     if problems:
         raise errors.InputError(f"{len(problems)} config value(s) cannot work:\n  " + "\n  ".join(problems))
     step_batch(config, jax.device_count())
-    build_lib.check_weight_folders(config)
-    if config.model.get("init_from") and not paths.path(config.model.init_from).exists():
-        raise errors.MissingError(f"--config.model.init_from={config.model.init_from} does not exist")
+    with paths.reading("--config.model.base", config.model.base):
+        build_lib.check_weight_folders(config)
+    init_from = config.model.get("init_from")
+    with paths.reading("--config.model.init_from", init_from):
+        if init_from and not paths.path(init_from).exists():
+            raise errors.MissingError(f"--config.model.init_from={init_from} does not exist")
     if config.data.path:
         from cid_jax.data import builder
 
-        builder.dataset_for(config, workdir or ".", create=False)
+        with paths.reading("--config.data.path", config.data.path):
+            builder.dataset_for(config, workdir or ".", create=False)
     elif not config.data.synthetic:
         builder_hint = "python -m cid_jax.data.builder {reference,folder,synthetic} --out=DIR"
         raise errors.InputError(f"no training data: set --config.data.path to a built FGID dataset ({builder_hint}) "
@@ -313,7 +317,8 @@ def train(config, workdir: str | pathlib.Path, batches: Callable[[int], Iterator
     from cid_jax import observe
 
     run = run_lib.RunDir(workdir)
-    new_folder = not run.root.exists()
+    with paths.reading("--workdir", workdir):
+        new_folder = not run.root.exists()
     validate(config, run.root)
     lock = run_lib.run_lock(run).acquire() if jax.process_index() == 0 else None
     try:

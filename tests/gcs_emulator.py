@@ -8,6 +8,10 @@ Where the emulator leaves out what real GCS does and our clients rely on, it is 
   to make its next conditional write (OCDBT's manifest, the run's lease);
 * `ifGenerationMatch` on a media upload or a delete is enforced (0: only if absent; else the live
   generation), answering 412 Precondition Failed as GCS does;
+* a bucket named in `FORBIDDEN_BUCKETS` answers every request 403 Forbidden, as GCS answers a
+  caller without the bucket's IAM permission (the emulator has no authorization at all);
+* a client that hangs up before its answer is sent (a retry, a stopped run) is not printed as a
+  server traceback;
 * in memory mode the emulator rewrote a JSON snapshot of every object's metadata after each
   change, for a reload from disk that an in-memory server never does (O(objects) per request):
   skipped.
@@ -16,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import http.server
 import os
 import socket
+import sys
 import urllib.parse
 
 
@@ -46,6 +53,10 @@ class Emulator:
 
         self.server._api = APIThread("127.0.0.1", self.port, self.server._storage)
         self.server.start()
+
+
+# Buckets that answer 403 to everything (see the module docstring); tests add and remove names.
+FORBIDDEN_BUCKETS: set = set()
 
 
 def _free_port() -> int:
@@ -109,16 +120,39 @@ def _as_gcs_does() -> None:
             return out
         return handle
 
+    def with_permissions(handler):
+        def handle(request, response, storage, *args, **kwargs):
+            bucket = request.params.get("bucket_name")
+            if bucket in FORBIDDEN_BUCKETS:
+                response.status = HTTPStatus.FORBIDDEN
+                response.json({"error": {"code": 403, "message": f"caller does not have storage.objects access to "
+                                                                 f"the Google Cloud Storage bucket {bucket}."}})
+                return None
+            return handler(request, response, storage, *args, **kwargs)
+        return handle
+
     wrapped = {objects.download: with_generation(objects.download), objects.insert: with_preconditions(objects.insert),
                objects.delete: with_preconditions(objects.delete)}
     for _, handlers in emu_server.HANDLERS:
         for method, fn in list(handlers.items()):
-            if fn in wrapped:
-                handlers[method] = wrapped[fn]
+            handlers[method] = with_permissions(wrapped.get(fn, fn))
     # The router's fallback for uploads without the /upload prefix, and `get`'s `alt=media` branch,
     # call these through the module.
     objects.insert, objects.download = wrapped[objects.insert], wrapped[objects.download]
     emu_storage.Storage._write_config_to_file = write_config
+
+    class QuietServer(http.server.HTTPServer):
+        def handle_error(self, request, client_address):
+            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                super().handle_error(request, client_address)
+
+    def serve(thread):
+        thread._httpd = QuietServer((thread._host, thread._port),
+                                    functools.partial(emu_server.RequestHandler, thread._storage))
+        thread.is_running.set()
+        thread._httpd.serve_forever()
+
+    emu_server.APIThread.run = serve
     emu_storage.Storage._as_gcs_does = True
 
 
