@@ -115,6 +115,27 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, shift: flo
     return emb
 
 
+def conditioned_time_embedding(cfg: UNetConfig, timesteps: jax.Array, added_cond: Optional[Mapping], *,
+                               dtype, param_dtype) -> jax.Array:
+    """The time embedding [B, 4 C0] (+ SDXL's pooled-text and size/crop embedding), as submodules
+    `time_embedding` / `add_embedding` of the calling module (the UNet, a ControlNet)."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    width = cfg.block_out_channels[0]
+    temb = timestep_embedding(timesteps, width, cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = TimestepEmbedding(width * 4, name="time_embedding", **kw)(temb.astype(dtype))
+    if cfg.addition_embed_type == "text_time":
+        if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+            raise ValueError("an SDXL UNet needs added_cond={'text_embeds': ..., 'time_ids': ...}")
+        time_ids = jnp.asarray(added_cond["time_ids"])
+        size_emb = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                      cfg.flip_sin_to_cos, cfg.freq_shift).reshape(timesteps.shape[0], -1)
+        aug = jnp.concatenate([jnp.asarray(added_cond["text_embeds"], jnp.float32), size_emb], -1)
+        temb = temb + TimestepEmbedding(width * 4, name="add_embedding", **kw)(aug.astype(dtype))
+    elif cfg.addition_embed_type is not None:
+        raise ValueError(f"addition_embed_type={cfg.addition_embed_type!r} is not supported")
+    return temb
+
+
 class TimestepEmbedding(nn.Module):
     dim: int
     dtype: Any = jnp.float32
@@ -312,7 +333,8 @@ class UNet2DConditionModel(nn.Module):
     sample NHWC [B,H,W,C]; timesteps [B] or a scalar; encoder_hidden_states [B,L,cross_attention_dim];
     SDXL also `added_cond={'text_embeds': [B,1280], 'time_ids': [B,6]}`. `attention_kwargs` go to
     every attention processor unchanged. `attention_kernel` picks how every attention product runs
-    (`cid_jax.models.attention.KERNELS`).
+    (`cid_jax.models.attention.KERNELS`). `control`: (down residuals, mid residual) of one or more
+    ControlNets, added to the skip connections and to the mid block's output.
     """
     config: UNetConfig = SD15_UNET
     processor_plan: ProcessorPlan = default_plan
@@ -323,30 +345,14 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond: Optional[Mapping] = None,
-                 attention_kwargs: Optional[Mapping] = None):
+                 attention_kwargs: Optional[Mapping] = None, control: Optional[tuple] = None):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(config=cfg, processor_plan=self.processor_plan, attention_kernel=self.attention_kernel,
                         remat=self.remat, **kw)
         attention_kwargs = dict(attention_kwargs or {})
         channels = cfg.block_out_channels
-        batch = sample.shape[0]
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-
-        # Time embedding (+ SDXL's pooled-text and size/crop embedding).
-        temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = TimestepEmbedding(channels[0] * 4, name="time_embedding", **kw)(temb.astype(self.dtype))
-        if cfg.addition_embed_type == "text_time":
-            if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
-                raise ValueError("an SDXL UNet needs added_cond={'text_embeds': ..., 'time_ids': ...}")
-            time_ids = jnp.asarray(added_cond["time_ids"])
-            size_emb = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                          cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
-            aug = jnp.concatenate([jnp.asarray(added_cond["text_embeds"], jnp.float32), size_emb], -1)
-            temb = temb + TimestepEmbedding(channels[0] * 4, name="add_embedding", **kw)(
-                aug.astype(self.dtype))
-        elif cfg.addition_embed_type is not None:
-            raise ValueError(f"addition_embed_type={cfg.addition_embed_type!r} is not supported")
-
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        temb = conditioned_time_embedding(cfg, timesteps, added_cond, **kw)
         context = encoder_hidden_states.astype(self.dtype)
         h = conv(channels[0], 3, "conv_in", **kw)(sample.astype(self.dtype))
         skips = [h]
@@ -355,6 +361,12 @@ class UNet2DConditionModel(nn.Module):
                 h, temb, context, attention_kwargs)
             skips.extend(block_skips)
         h = MidBlock(index=0, name="mid_block", **block_kw)(h, temb, context, attention_kwargs)
+        if control is not None:  # ControlNet residuals (cid_jax.models.controlnet), added as diffusers does
+            down_residuals, mid_residual = control
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} ControlNet down residuals for {len(skips)} skip connections")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+            h = h + mid_residual.astype(h.dtype)
         for i in range(len(cfg.up_block_types)):
             n = cfg.layers_per_block + 1
             block_skips, skips = skips[-n:], skips[:-n]

@@ -27,6 +27,7 @@ StateDict = dict[str, np.ndarray]
 LIST_NAMES = frozenset({
     "down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks", "downsamplers",
     "upsamplers", "layers", "to_out", "net",
+    "blocks", "controlnet_down_blocks",  # a ControlNet's conditioning encoder and its 1x1 output convs
 })
 
 
