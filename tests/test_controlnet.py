@@ -140,3 +140,14 @@ def test_a_unet_folder_is_not_a_controlnet(unet, tmp_path):
     (tmp_path / "diffusion_pytorch_model.safetensors").symlink_to(unet[1] / "diffusion_pytorch_model.safetensors")
     with pytest.raises(WeightsError, match="missing key.*controlnet_cond_embedding"):
         load_controlnet(tmp_path)
+
+
+def test_a_controlnet_of_another_base_model_is_refused(controlnet):
+    from cid_jax.models.controlnet import ControlNetConfig, check_fits
+    from cid_jax.models.unet import SD15_UNET, UNetConfig
+
+    config = ControlNetConfig.from_json(controlnet[1] / "config.json")
+    check_fits(config, UNetConfig.from_dict(TINY_SD15))  # its own base model
+    with pytest.raises(InputError, match=r"--controlnet=x was made for another base model \(block_out_channels: "
+                                         r".*cross_attention_dim: 64 vs the UNet's 768"):
+        check_fits(config, SD15_UNET, "--controlnet=x")
