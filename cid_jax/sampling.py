@@ -229,36 +229,114 @@ def conditional_context(i, merge_step, text: jax.Array, augmented: jax.Array) ->
     return jnp.where(jnp.asarray(i) <= merge_step, text, augmented)
 
 
+class Inpainting(NamedTuple):
+    """What inpainting adds to sampling (`inpainting_inputs`), all at the latents' resolution."""
+    image_latents: jax.Array          # [B, h, w, 4] the init image, encoded and scaled
+    mask: jax.Array                   # [B, h, w, 1] 1 = repaint, 0 = keep
+    masked_image_latents: jax.Array   # [B, h, w, 4] the init image with the repainted part mid-grey
+
+
+def inpainting_arrays(image: np.ndarray, mask: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An init image (uint8 [H, W, 3]) and a mask (any [H, W] or [H, W, C] picture, white =
+    repaint) -> ([height, width, 3] in [0, 1], [height, width, 1] in {0, 1}) as diffusers'
+    VaeImageProcessor prepares them for the reference's pipeline: Lanczos resize, the mask made
+    grey and binarised at 0.5."""
+    from PIL import Image
+
+    def resized(picture: Image.Image) -> np.ndarray:
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), Image.LANCZOS)
+        return np.asarray(picture, np.float32) / 255.0
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise errors.InputError(f"the init image must be an RGB picture, got an array of shape {image.shape}")
+    mask = np.asarray(mask)
+    if mask.shape[:2] != image.shape[:2]:
+        raise errors.InputError(f"the mask is {mask.shape[1]}x{mask.shape[0]} but the init image is "
+                                f"{image.shape[1]}x{image.shape[0]}: they must be the same size")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8) * 255
+    mask_picture = Image.fromarray(mask.astype(np.uint8)).convert("L")
+    grey = resized(mask_picture)
+    return resized(Image.fromarray(image.astype(np.uint8))), (grey >= 0.5).astype(np.float32)[..., None]
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Where a partial denoising starts (diffusers' get_timesteps): strength 1 runs every step
+    from pure noise; strength s skips the first steps - int(steps * s)."""
+    if not 0.0 < strength <= 1.0:
+        raise errors.InputError(f"--strength={strength} must be in (0, 1]")
+    return max(steps - min(int(steps * strength), steps), 0)
+
+
+def encode(model: ConsistentID, frozen, images: jax.Array) -> jax.Array:
+    """Images in [-1, 1] [B, H, W, 3] -> diffusion latents: the posterior's mean, scaled. (The
+    reference draws a sample of the posterior; its spread is a small fraction of the mean's, and
+    the mean keeps one photo -> one latent, so only the seed changes an image.)"""
+    posterior = model.vae.apply({"params": frozen["vae"]}, images, method=AutoencoderKL.encode)
+    return model.vae.config.scale_latents(posterior.mean)
+
+
+def inpainting_inputs(model: ConsistentID, frozen, image: jax.Array, mask: jax.Array) -> Inpainting:
+    """`image` [B, H, W, 3] in [0, 1] and `mask` [B, H, W, 1] in {0, 1} (`inpainting_arrays`) ->
+    `Inpainting`. The masked image is the image in [-1, 1] times (mask < 0.5), as the reference
+    makes it (the repainted part mid-grey); the mask goes to the latents' side by nearest sampling,
+    as torch's interpolate does."""
+    pixels = image.astype(jnp.float32) * 2 - 1
+    keep = (mask < 0.5).astype(jnp.float32)
+    f = model.vae.config.downscale
+    return Inpainting(image_latents=encode(model, frozen, pixels), mask=mask[:, ::f, ::f].astype(jnp.float32),
+                      masked_image_latents=encode(model, frozen, pixels * keep))
+
+
 def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: jax.Array,
-           state: schedulers.SamplerState, merge_step, guidance, collect: bool = False, ip_scale=None):
-    """Denoises `noise` [B, h, w, 4] (standard normal) over all of `state`'s steps.
+           state: schedulers.SamplerState, merge_step, guidance, collect: bool = False, ip_scale=None,
+           inpainting: Optional[Inpainting] = None, start: int = 0):
+    """Denoises `noise` [B, h, w, 4] (standard normal) over `state`'s steps from `start` on.
 
     `merge_step`, `guidance` and `ip_scale` (the ID branch's weight; None: the model's) are traced
-    scalars (no recompilation when they change). Returns the
-    final latents, and with `collect=True` also the guided noise prediction of every step [n, B, ...].
-    """
+    scalars (no recompilation when they change); the merge step counts from `start`, as the
+    reference's loop over the remaining timesteps does. With `inpainting` (the reference's inpainting
+    pipeline): a 9-channel UNet sees [latents, mask, masked-image latents]; a 4-channel one has the
+    kept part replaced after every step by the init image noised to the next step's level; from
+    `start` > 0 (`first_step`, strength < 1) the latents start as the init image noised to that
+    step. Returns the final latents, and with `collect=True` also every step's guided noise
+    prediction [n - start, B, ...]."""
     n = state.timesteps.shape[0]
     batch = noise.shape[0]
+    nine_channels = model.unet.config.in_channels == 9
+    if nine_channels and inpainting is None:
+        raise errors.InputError("this UNet is an inpainting one (9 input channels): give an init image and a mask")
 
     def step(x, i):
-        cond = conditional_context(i, merge_step, sets.text, sets.augmented)
+        cond = conditional_context(i - start, merge_step, sets.text, sets.augmented)
         context = jnp.concatenate([sets.null, cond], axis=0)
         added = None
         if sets.null_pooled is not None:  # SDXL: the pooled embedding switches with the context
-            pooled = conditional_context(i, merge_step, sets.text_pooled, sets.augmented_pooled)
+            pooled = conditional_context(i - start, merge_step, sets.text_pooled, sets.augmented_pooled)
             added = dict(text_embeds=jnp.concatenate([sets.null_pooled, pooled], axis=0),
                          time_ids=jnp.concatenate([sets.time_ids, sets.time_ids], axis=0))
         x_in = state.scale_model_input(x, i)
+        if nine_channels:
+            x_in = jnp.concatenate([x_in, inpainting.mask, inpainting.masked_image_latents.astype(x_in.dtype)], -1)
         eps, _ = model.predict_noise(frozen, trainable, jnp.concatenate([x_in, x_in], axis=0),
                                      state.timesteps[i], context, added, capture=False, ip_scale=ip_scale)
         eps = eps.astype(jnp.float32)
         eps_uncond, eps_cond = eps[:batch], eps[batch:]
         guided = eps_uncond + guidance * (eps_cond - eps_uncond)
         x = state.step(guided, i, x).prev_sample
+        if inpainting is not None and not nine_channels:
+            kept = jnp.where(i < n - 1, state.add_noise(inpainting.image_latents, noise, jnp.minimum(i + 1, n - 1)),
+                             inpainting.image_latents)
+            x = (1 - inpainting.mask) * kept + inpainting.mask * x
         return x, (guided if collect else None)
 
-    x0 = (noise * state.init_noise_sigma).astype(jnp.float32)
-    x, per_step = jax.lax.scan(step, x0, jnp.arange(n))
+    if start == 0:
+        x0 = (noise * state.init_noise_sigma).astype(jnp.float32)
+    else:
+        x0 = state.add_noise(inpainting.image_latents.astype(jnp.float32), noise, start)
+    x, per_step = jax.lax.scan(step, x0, jnp.arange(start, n))
     return (x, per_step) if collect else x
 
 
@@ -314,7 +392,7 @@ def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int
     f = model.vae.config.downscale
     if height % f or width % f:
         raise errors.InputError(f"height/width ({height}x{width}) must be multiples of the VAE factor {f}")
-    return height // f, width // f, model.unet.config.in_channels
+    return height // f, width // f, model.vae.config.latent_channels  # a 9-channel UNet denoises 4 of them
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:

@@ -282,6 +282,11 @@ class DDIMState:
     def scale_model_input(self, sample: jax.Array, i=None) -> jax.Array:
         return sample
 
+    def add_noise(self, original: jax.Array, noise: jax.Array, i) -> jax.Array:
+        """`original` noised to the level of timesteps[i] (diffusers' DDIMScheduler.add_noise)."""
+        alpha = self.alphas_cumprod[self.timesteps[i]]
+        return (jnp.sqrt(alpha) * original + jnp.sqrt(1 - alpha) * noise).astype(original.dtype)
+
     def step(self, model_output: jax.Array, i, sample: jax.Array, eta: float = 0.0,
              noise: Optional[jax.Array] = None) -> StepOutput:
         """One step from timesteps[i] to the previous timestep. eta > 0 needs `noise`."""
@@ -332,6 +337,11 @@ class EulerState:
         """x / sqrt(sigma_i^2 + 1): the UNet was trained on unit-variance-scaled inputs."""
         sigma = self.sigmas[i]
         return (sample / jnp.sqrt(sigma * sigma + 1)).astype(sample.dtype)
+
+    def add_noise(self, original: jax.Array, noise: jax.Array, i) -> jax.Array:
+        """`original` noised to sigmas[i] (diffusers' EulerDiscreteScheduler.add_noise: x + sigma
+        noise, the variance-exploding form of the sigma space)."""
+        return (original + self.sigmas[i] * noise).astype(original.dtype)
 
     def step(self, model_output: jax.Array, i, sample: jax.Array) -> StepOutput:
         sigma = self.sigmas[i]

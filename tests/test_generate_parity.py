@@ -210,3 +210,118 @@ def test_both_command_lines_keep_right_side_parts(setup, tmp_path, capsys, caplo
         assert f"{word} <|facial|>" in prompts[0], (word, prompts[0])
     ours, theirs = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("jax", "torch"))
     assert ours.shape == theirs.shape == (64, 64, 3) and np.abs(ours - theirs).max() <= 1
+
+
+# ------------------------------------------------------------------------------------- inpainting
+
+
+def _inpainting_case(model):
+    """The astronaut at the output size, with a white (repaint) box over her face and hair."""
+    import skimage.data
+
+    photo = skimage.data.astronaut()  # 512 x 512
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[30:230, 140:330] = 255
+    side = 8 * model.vae.config.downscale  # the 8 x 8 latents of `noise`
+    image, small_mask = pl.inpainting_arrays(photo, mask, side, side)
+    return np.stack([image, image]), np.stack([small_mask, small_mask])
+
+
+def _jax_inpaint(model, frozen, trainable, sets, noise, image, mask, sampler, strength, merge):
+    state = pl.scheduler_state(sampler, STEPS)
+    start = pl.first_step(STEPS, strength)
+
+    @jax.jit
+    def run(frozen, trainable, sets, noise, image, mask):
+        inpainting = pl.inpainting_inputs(model, frozen, image, mask)
+        x, eps = pl.sample(model, frozen, trainable, pl.EmbeddingSets(*sets), noise, state, jnp.int32(merge),
+                           jnp.float32(5.0), collect=True, inpainting=inpainting, start=start)
+        return pl.decode(model, frozen, x), eps
+
+    img, eps = run(frozen, trainable, tuple(sets), noise, image, mask)
+    return np.asarray(img), np.asarray(eps)
+
+
+def _compare_runs(ours, theirs):
+    (img, eps), (want_img, want_eps) = ours, theirs
+    assert len(eps) == len(want_eps)
+    for i in range(len(eps)):
+        err = np.abs(eps[i] - want_eps[i]).max()
+        assert err < 1e-4 * np.abs(want_eps[i]).max(), f"step {i}: max err {err}"
+    err = np.abs(img - want_img).max()
+    assert err < 2e-3, f"image max err {err}"
+
+
+@pytest.mark.parametrize("sampler,strength", [("euler", 1.0), ("euler", 0.6), ("ddim", 0.75)])
+def test_inpainting_with_a_four_channel_unet_matches_the_reference_loop(setup, jax_sets, torch_sets, sampler,
+                                                                         strength):
+    model, frozen, trainable, tm, _, noise = setup
+    image, mask = _inpainting_case(model)
+    cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler}[sampler]
+    from cid_jax.schedulers import SD15_SCHEDULER_CONFIG
+
+    want = ref_pipeline.inpaint(tm["unet"], tm["vae"], cls.from_config(SD15_SCHEDULER_CONFIG), torch_sets, noise,
+                                image, mask, STEPS, strength, 1, 5.0)
+    ours = _jax_inpaint(model, frozen, trainable, jax_sets, noise, image, mask, sampler, strength, 1)
+    _compare_runs(ours, want)
+
+
+def test_inpainting_with_a_nine_channel_unet_matches_the_reference_loop(setup, torch_sets, tmp_path):
+    """An inpainting UNet (runwayml/stable-diffusion-inpainting's layout: 9 input channels) loaded
+    through our loader, with the same adapters, against the reference loop."""
+    from cid_jax import build as build_lib
+    from cid_jax.models import presets
+    from cid_jax.weights.state_dict import read_state_dict
+
+    model4, _, trainable, tm, inputs, noise = setup
+    root = setup_paths["root"]
+    tiny = presets.get("tiny-sd15")
+    unet9 = perturb_torch(diffusers.UNet2DConditionModel(**dict(tiny["unet"], in_channels=9)), 5)
+    (tmp_path / "base").mkdir()
+    unet9.save_pretrained(tmp_path / "base" / "unet")
+    for part in ("vae", "text_encoder"):
+        (tmp_path / "base" / part).symlink_to(root / "base" / part)
+    adapters = ref.set_consistentid_processors(unet9, rank=inference_demo_config().model.lora_rank, num_tokens=4)
+    groups = {k.partition(".")[2]: torch.from_numpy(np.array(v))
+              for k, v in read_state_dict(root / "consistentid.safetensors").items()
+              if k.startswith("adapter_modules.")}
+    adapters.load_state_dict(groups, strict=True)
+
+    config = inference_demo_config()
+    config.model.preset = ""
+    config.model.base, config.model.image_encoder = str(tmp_path / "base"), str(root / "clip")
+    model = build_lib.build_modules(config)
+    assert model.unet.config.in_channels == 9
+    frozen = build_lib.load_frozen(model, config)
+    sets = jax.jit(lambda f, t, x: pl.embedding_sets(model, f, t, x))(frozen, trainable, inputs)
+    image, mask = _inpainting_case(model)
+    from cid_jax.schedulers import SD15_SCHEDULER_CONFIG
+
+    want = ref_pipeline.inpaint(unet9.eval(), tm["vae"], diffusers.EulerDiscreteScheduler.from_config(
+        SD15_SCHEDULER_CONFIG), torch_sets, noise, image, mask, STEPS, 1.0, 1, 5.0)
+    _compare_runs(_jax_inpaint(model, frozen, trainable, sets, noise, image, mask, "euler", 1.0, 1), want)
+    with pytest.raises(Exception, match="inpainting one"):
+        pl.sample(model, frozen, trainable, pl.EmbeddingSets(*sets), noise, pl.scheduler_state("euler", STEPS),
+                  1, 5.0)
+
+
+def test_inpainting_arrays_equal_diffusers_processors():
+    """The init image and mask as diffusers' VaeImageProcessor makes them for the reference
+    (Lanczos resize; the mask grey, binarised), and a mask of another size refused."""
+    import skimage.data
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    photo = skimage.data.astronaut()
+    mask = np.zeros(photo.shape, np.uint8)
+    mask[100:300, 120:400] = (255, 255, 255)
+    mask[300:320, 120:400] = (200, 90, 40)  # a coloured band: grey level ~0.45, kept
+    image, small = pl.inpainting_arrays(photo, mask, 96, 128)
+    want_image = VaeImageProcessor(vae_scale_factor=8).preprocess(Image.fromarray(photo), height=96, width=128)
+    want_mask = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
+                                  do_convert_grayscale=True).preprocess(Image.fromarray(mask), height=96, width=128)
+    np.testing.assert_allclose(image * 2 - 1, want_image[0].numpy().transpose(1, 2, 0), atol=1e-6)
+    np.testing.assert_array_equal(small, want_mask[0].numpy().transpose(1, 2, 0))
+    assert 0 < small.mean() < 1
+    with pytest.raises(Exception, match="the mask is 256x256 but the init image is 512x512"):
+        pl.inpainting_arrays(photo, mask[::2, ::2], 64, 64)

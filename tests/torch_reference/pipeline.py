@@ -67,3 +67,54 @@ def sample(unet, vae, scheduler, sets, noise_nhwc, steps: int, start_merge_step:
     image = vae.decode(latents / vae.config.scaling_factor).sample
     image = (image / 2 + 0.5).clamp(0, 1)
     return image.permute(0, 2, 3, 1).numpy(), np.stack(per_step)
+
+
+@torch.no_grad()
+def inpaint(unet, vae, scheduler, sets, noise_nhwc, image01_nhwc, mask01_nhwc, steps: int, strength: float,
+            start_merge_step: int, guidance: float):
+    """The reference's inpainting loop (pipelines/StableDIffusionInpaint_ConsistentID.py) + decode:
+    the init image's latents (the posterior's mean, where the reference draws a sample with its
+    generator), a partial start for strength < 1, a 9-channel UNet fed [latents, mask, masked-image
+    latents], a 4-channel one blended with the init latents noised to the next timestep. Returns
+    (images [B,H,W,3] in [0,1], per-step guided eps NHWC)."""
+    import torch.nn.functional as F
+
+    null, text, augmented = sets
+    init_image = _nchw(image01_nhwc) * 2 - 1
+    mask = _nchw(mask01_nhwc)
+    masked_image = init_image * (mask < 0.5)
+    scheduler.set_timesteps(steps)
+    init_timestep = min(int(steps * strength), steps)  # StableDiffusionInpaintPipeline.get_timesteps
+    t_start = max(steps - init_timestep, 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    encode = lambda x: vae.encode(x).latent_dist.mean * vae.config.scaling_factor  # noqa: E731
+    image_latents = encode(init_image)
+    noise = _nchw(noise_nhwc)
+    if strength == 1.0:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(noise.shape[0]))
+    small = F.interpolate(mask, size=latents.shape[-2:])
+    mask_in, masked_in = torch.cat([small] * 2), torch.cat([encode(masked_image)] * 2)
+    nine = unet.config.in_channels == 9
+    per_step = []
+    for i, t in enumerate(timesteps):
+        cond = text if i <= start_merge_step else augmented
+        latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        if nine:
+            latent_in = torch.cat([latent_in, mask_in, masked_in], dim=1)
+        eps = unet(latent_in, t, encoder_hidden_states=torch.cat([null, cond])).sample
+        eps_uncond, eps_cond = eps.chunk(2)
+        guided = eps_uncond + guidance * (eps_cond - eps_uncond)
+        per_step.append(guided.permute(0, 2, 3, 1).numpy())
+        latents = scheduler.step(guided, t, latents).prev_sample
+        if not nine:
+            proper = image_latents
+            if i < len(timesteps) - 1:
+                proper = scheduler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
+            latents = (1 - small) * proper + small * latents
+    image = vae.decode(latents / vae.config.scaling_factor).sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return image.permute(0, 2, 3, 1).numpy(), np.stack(per_step)
