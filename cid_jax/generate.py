@@ -82,6 +82,13 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--out", default="consistentid.png",
                    help="PNG path; several images: this is their grid, and each is also <out>_<k>.png")
     p.add_argument("--parsing", help="a 19-class parsing map (PNG) of the photo, used instead of a parser")
+    p.add_argument("--mask", help="inpainting: a picture the size of the init image, white = repaint "
+                                  "(the reference's inpainting pipeline)")
+    p.add_argument("--init_image", help="inpainting: the picture to repaint (default: --image, as the reference, "
+                                        "which repaints the ID photo itself)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="inpainting: how far the init image is noised before denoising (1: from pure noise, "
+                        "the reference demo's; 0.6: the last 60%% of the steps)")
     return p.parse_args(argv)
 
 def seeds_of(args) -> list[int]:
@@ -117,6 +124,12 @@ def check_args(args) -> None:
         problems.append(f"--batch_size={args.batch_size}: must be >= 1")
     if not args.prompt and not args.prompts_file:
         problems.append("no prompt: give --prompt (repeatable) or --prompts_file")
+    if not (0.0 < args.strength <= 1.0):
+        problems.append(f"--strength={args.strength}: must be in (0, 1]")
+    elif args.strength < 1.0 and not args.mask:
+        problems.append(f"--strength={args.strength} applies to inpainting: give --mask")
+    if args.init_image and not args.mask:
+        problems.append("--init_image without --mask: give the mask of what to repaint (white = repaint)")
     if args.guidance is not None and not math.isfinite(args.guidance):
         problems.append(f"--guidance={args.guidance}: must be a finite number (the reference uses 5; SDXL 7.5)")
     for name in ("height", "width"):
@@ -172,6 +185,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         height, width = args.height or size, args.width or size
         guidance = args.guidance if args.guidance is not None else defaults.guidance
         face = pl.face_batch(image, label_map, id_embedding)
+        inpaint = None
+        if args.mask:
+            init = inference.read_image(args.init_image) if args.init_image else image
+            mask = inference.read_image(args.mask)
+            try:
+                inpaint = pl.inpainting_arrays(init, mask, height, width)
+            except cli.UserError as e:
+                raise type(e)(f"--mask={args.mask}: {e}") from None
         requests = [inference.ImageRequest(face, p, s) for p in prompts for s in seeds]
         batch_size = args.batch_size or min(len(requests), 4)
         log.info("%d image(s) (%d prompt(s) x %d seed(s)), %d per call, %dx%d, %d %s steps", len(requests),
@@ -179,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images, timing = inference.generate_requests(
             loaded, requests, negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
             merge_step=args.merge_step, sampler=args.sampler, height=height, width=width, caption=args.caption,
-            batch_size=batch_size, progress=True, ip_scale=args.ip_scale)
+            batch_size=batch_size, progress=True, ip_scale=args.ip_scale, inpaint=inpaint, strength=args.strength)
     log.info("loaded in %.1f s; compiled in %.1f s (%s); sampled %d image(s) in %.1f s (%.2f s/image)",
              load_s, timing.compile_s, stats.describe(), len(images), timing.sample_s, timing.s_per_image)
     write_images(args, images, requests, guidance)
@@ -194,6 +215,8 @@ def write_images(args, images: np.ndarray, requests: Sequence[inference.ImageReq
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
                   merge_step=args.merge_step, ip_scale=args.ip_scale, sampler=args.sampler,
                   checkpoint=str(args.checkpoint), image=str(args.image))
+    if args.mask:
+        common.update(mask=str(args.mask), init_image=str(args.init_image or args.image), strength=args.strength)
     def save(image: np.ndarray, where, info: dict) -> None:  # local or remote (gs://...), whole or not at all
         paths.write_atomic(where, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=png_info(info)))
 

@@ -255,9 +255,13 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
                       guidance: float, merge_step: int, sampler: str, height: int, width: int,
                       caption: Optional[str] = None, batch_size: Optional[int] = None,
                       progress: bool = False, programs: Optional[dict] = None,
-                      generator=None, ip_scale: float = 1.0) -> tuple[np.ndarray, Timing]:
+                      generator=None, ip_scale: float = 1.0, inpaint: Optional[tuple] = None,
+                      strength: float = 1.0) -> tuple[np.ndarray, Timing]:
     """uint8 images [len(requests), H, W, 3] in request order, made `batch_size` at a time by one
     compiled program (the last batch padded by repeating its last request; default: all at once).
+
+    `inpaint`: (init image, mask) as `sampling.inpainting_arrays` gives them at height x width: every
+    image repaints the mask's white part of the init image, starting at `strength` (1: from noise).
 
     `programs`: a dict that keeps the compiled programs between calls (keyed by the batch's shapes),
     for callers that generate again and again (training-time evaluation, the web demo); then only
@@ -284,7 +288,12 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
 
     shape = pl.latent_shape(loaded.model, height, width)
     state = pl.scheduler_state(sampler, steps, loaded.noise_config)
+    start = pl.first_step(steps, strength)
+    if start and inpaint is None:
+        raise errors.InputError(f"--strength={strength} needs an image to start from (--mask, --init_image)")
     generator = generator if generator is not None else pl.Generator(loaded.model)
+    if generator.start != start:
+        generator = dataclasses.replace(generator, start=start)
     programs = {} if programs is None else programs
 
     def batch_inputs(batch):
@@ -293,6 +302,9 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
             pl.check_token_ids(inputs, encoder.config.vocab_size)
         if loaded.model.is_sdxl:
             inputs["time_ids"] = sdxl_time_ids(len(batch), height, width)
+        if inpaint is not None:
+            inputs["init_image"] = np.repeat(inpaint[0][None], len(batch), axis=0)
+            inputs["inpaint_mask"] = np.repeat(inpaint[1][None], len(batch), axis=0)
         return inputs, pl.initial_noise([r.seed for r in batch], shape)
 
     batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
@@ -301,7 +313,8 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
     t0 = time.perf_counter()
     inputs, noise = batch_inputs(batches[0])
     key = (tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in sorted(inputs.items())), noise.shape,
-           tuple(np.shape(x) for x in jax.tree.leaves(state)), id(generator))
+           tuple(np.shape(x) for x in jax.tree.leaves(state)), id(generator.model), repr(generator.out_sharding),
+           generator.start)
     if key not in programs:
         programs[key] = generator.compile(loaded.frozen, loaded.trainable, inputs, noise, state)
         timing.compile_s = time.perf_counter() - t0

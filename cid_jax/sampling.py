@@ -359,17 +359,23 @@ class Generator:
     per shape (the three scalars are traced).
 
     `out_sharding`: where the outputs go (replicated, so every process of a multi-host run can read
-    the images); default: where XLA puts them."""
+    the images); default: where XLA puts them. Inputs with `init_image` [B, H, W, 3] and
+    `inpaint_mask` [B, H, W, 1] (`inpainting_arrays`) inpaint, from step `start` (`first_step`)."""
     model: ConsistentID
     out_sharding: Any = None
+    start: int = 0
 
     @functools.cached_property
     def fn(self):
-        model = self.model
+        model, start = self.model, self.start
 
         def run(frozen, trainable, inputs, noise, state, merge_step, guidance, ip_scale):
             sets = embedding_sets(model, frozen, trainable, inputs)
-            latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance, ip_scale=ip_scale)
+            inpainting = None
+            if "init_image" in inputs:
+                inpainting = inpainting_inputs(model, frozen, inputs["init_image"], inputs["inpaint_mask"])
+            latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance, ip_scale=ip_scale,
+                             inpainting=inpainting, start=start)
             return decode(model, frozen, latents), latents
 
         return jax.jit(run, out_shardings=self.out_sharding)
@@ -385,7 +391,7 @@ class Generator:
         args = (frozen, trainable, inputs, noise, state, jnp.int32(0), jnp.float32(0), jnp.float32(1))
         if self.out_sharding is not None:
             return self.fn.lower(*args).compile()
-        return runtime.compile_cached("generate", self.fn, args, runtime.describe(self.model))
+        return runtime.compile_cached("generate", self.fn, args, f"{runtime.describe(self.model)} start={self.start}")
 
 
 def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:

@@ -92,3 +92,37 @@ def test_cli_missing_weights_names_the_folder(tmp_path, astronaut, capsys):
     code = gen.main([f"--checkpoint={ckpt}", f"--base={tmp_path / 'sd15'}", f"--image={photo}", "--prompt=x"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_MISSING and str(tmp_path / "sd15") in err
+
+
+def test_cli_inpaints_the_photo_where_the_mask_is_white(demo_workdir, astronaut, tmp_path, capsys):
+    """`--mask` repaints the white part of the init image (default: the photo itself, as the
+    reference); with strength < 1 the result starts from the noised photo; its PNG records the
+    inpainting settings. A mask of another size, a strength without a mask, or one out of (0, 1]
+    are one line each, before any work."""
+    import json
+
+    from PIL import Image
+
+    photo, mask, out = tmp_path / "astronaut.png", tmp_path / "mask.png", tmp_path / "out.png"
+    Image.fromarray(astronaut).save(photo)
+    white = np.zeros(astronaut.shape[:2], np.uint8)
+    white[40:220, 150:330] = 255
+    Image.fromarray(white).save(mask)
+    common = [f"--checkpoint={demo_workdir[0]}", f"--image={photo}", "--prompt=a portrait", "--steps=3",
+              "--merge_step=1"]
+    assert gen.main(common + [f"--mask={mask}", "--strength=0.7", f"--out={out}"]) == 0
+    with Image.open(out) as im:
+        assert np.asarray(im).shape == (64, 64, 3)
+        settings = json.loads(im.text["parameters"])
+    assert (settings["strength"], settings["mask"], settings["init_image"]) == (0.7, str(mask), str(photo))
+
+    Image.fromarray(white[::2, ::2]).save(tmp_path / "small_mask.png")
+    capsys.readouterr()
+    for flags, message in (([f"--mask={tmp_path / 'small_mask.png'}"], "the mask is 256x256 but the init image is "
+                                                                          "512x512"),
+                           (["--strength=0.5"], "--strength=0.5 applies to inpainting: give --mask"),
+                           ([f"--mask={mask}", "--strength=1.5"], "--strength=1.5: must be in (0, 1]"),
+                           ([f"--init_image={photo}"], "--init_image without --mask")):
+        assert gen.main(common + flags + [f"--out={tmp_path / 'x.png'}"]) == cli.EXIT_USAGE, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
