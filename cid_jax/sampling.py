@@ -262,6 +262,49 @@ def inpainting_arrays(image: np.ndarray, mask: np.ndarray, height: int, width: i
     return resized(Image.fromarray(image.astype(np.uint8))), (grey >= 0.5).astype(np.float32)[..., None]
 
 
+class Control(NamedTuple):
+    """One ControlNet steering the sampler (`sample(controls=...)`)."""
+    module: Any                # cid_jax.models.controlnet.ControlNetModel (static)
+    params: Any
+    image: jax.Array           # [B, H, W, 3] at the output size (`control_arrays`)
+    scale: Any = 1.0           # controlnet_conditioning_scale
+    keep: Any = None           # [steps] 1.0 where it acts (`control_keep`), None: every step
+
+
+def control_keep(steps: int, start: float = 0.0, end: float = 1.0) -> np.ndarray:
+    """Which steps a ControlNet acts on, as the reference's control_guidance_start/end: step i of
+    n is kept unless i/n < start or (i+1)/n > end."""
+    if not 0.0 <= start < end <= 1.0:
+        raise errors.InputError(f"ControlNet guidance start/end ({start}, {end}): need 0 <= start < end <= 1")
+    i = np.arange(steps)
+    return (1.0 - ((i / steps < start) | ((i + 1) / steps > end))).astype(np.float32)
+
+
+def control_arrays(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A control picture (uint8 [H, W, 3], or float in [0, 1] with -1 for the inpainting ControlNet's
+    masked pixels) -> [height, width, 3] float32 as diffusers' control image processor gives it:
+    Lanczos resize of a picture, no normalisation."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        picture = Image.fromarray(image).convert("RGB")
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), Image.LANCZOS)
+        return np.asarray(picture, np.float32) / 255.0
+    if image.shape[:2] != (height, width):
+        raise errors.InputError(f"a float control image must already be {width}x{height}, got "
+                                f"{image.shape[1]}x{image.shape[0]}")
+    return image.astype(np.float32)
+
+
+def inpaint_control(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The control image of an inpainting ControlNet (control_v11p_sd15_inpaint), as the reference's
+    demo makes it: the init image in [0, 1] with the masked pixels set to -1 (`inpainting_arrays`'
+    outputs in, [H, W, 3] out)."""
+    return np.where(mask >= 0.5, -1.0, image).astype(np.float32)
+
+
 def first_step(steps: int, strength: float) -> int:
     """Where a partial denoising starts (diffusers' get_timesteps): strength 1 runs every step
     from pure noise; strength s skips the first steps - int(steps * s)."""
@@ -292,7 +335,7 @@ def inpainting_inputs(model: ConsistentID, frozen, image: jax.Array, mask: jax.A
 
 def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: jax.Array,
            state: schedulers.SamplerState, merge_step, guidance, collect: bool = False, ip_scale=None,
-           inpainting: Optional[Inpainting] = None, start: int = 0):
+           inpainting: Optional[Inpainting] = None, start: int = 0, controls: Sequence[Control] = ()):
     """Denoises `noise` [B, h, w, 4] (standard normal) over `state`'s steps from `start` on.
 
     `merge_step`, `guidance` and `ip_scale` (the ID branch's weight; None: the model's) are traced
@@ -301,7 +344,9 @@ def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: j
     pipeline): a 9-channel UNet sees [latents, mask, masked-image latents]; a 4-channel one has the
     kept part replaced after every step by the init image noised to the next step's level; from
     `start` > 0 (`first_step`, strength < 1) the latents start as the init image noised to that
-    step. Returns the final latents, and with `collect=True` also every step's guided noise
+    step. `controls`: ControlNets, as the reference's ControlNet pipeline runs them: on the latents
+    and the conditional context only, their summed residuals added to both halves of the guidance
+    batch. Returns the final latents, and with `collect=True` also every step's guided noise
     prediction [n - start, B, ...]."""
     n = state.timesteps.shape[0]
     batch = noise.shape[0]
@@ -312,16 +357,29 @@ def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: j
     def step(x, i):
         cond = conditional_context(i - start, merge_step, sets.text, sets.augmented)
         context = jnp.concatenate([sets.null, cond], axis=0)
-        added = None
+        added = cond_added = None
         if sets.null_pooled is not None:  # SDXL: the pooled embedding switches with the context
             pooled = conditional_context(i - start, merge_step, sets.text_pooled, sets.augmented_pooled)
             added = dict(text_embeds=jnp.concatenate([sets.null_pooled, pooled], axis=0),
                          time_ids=jnp.concatenate([sets.time_ids, sets.time_ids], axis=0))
+            cond_added = dict(text_embeds=pooled, time_ids=sets.time_ids)
         x_in = state.scale_model_input(x, i)
+        control = None
+        if controls:
+            from cid_jax.models.controlnet import sum_controls
+
+            residuals = []
+            for c in controls:
+                scale = c.scale if c.keep is None else c.scale * jnp.asarray(c.keep)[i - start]
+                residuals.append(c.module.apply({"params": c.params}, x_in, state.timesteps[i], cond,
+                                                c.image, scale, cond_added))
+            down, mid = sum_controls(residuals)
+            control = ([jnp.concatenate([r, r], axis=0) for r in down], jnp.concatenate([mid, mid], axis=0))
         if nine_channels:
             x_in = jnp.concatenate([x_in, inpainting.mask, inpainting.masked_image_latents.astype(x_in.dtype)], -1)
         eps, _ = model.predict_noise(frozen, trainable, jnp.concatenate([x_in, x_in], axis=0),
-                                     state.timesteps[i], context, added, capture=False, ip_scale=ip_scale)
+                                     state.timesteps[i], context, added, capture=False, ip_scale=ip_scale,
+                                     control=control)
         eps = eps.astype(jnp.float32)
         eps_uncond, eps_cond = eps[:batch], eps[batch:]
         guided = eps_uncond + guidance * (eps_cond - eps_uncond)

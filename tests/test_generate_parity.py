@@ -227,18 +227,21 @@ def _inpainting_case(model):
     return np.stack([image, image]), np.stack([small_mask, small_mask])
 
 
-def _jax_inpaint(model, frozen, trainable, sets, noise, image, mask, sampler, strength, merge):
+def _jax_inpaint(model, frozen, trainable, sets, noise, image, mask, sampler, strength, merge, controls=()):
+    """Our inpainting run; `controls`: (module, params, control image, scale, keep) each."""
     state = pl.scheduler_state(sampler, STEPS)
     start = pl.first_step(STEPS, strength)
+    modules = [c[0] for c in controls]
 
     @jax.jit
-    def run(frozen, trainable, sets, noise, image, mask):
+    def run(frozen, trainable, sets, noise, image, mask, control_args):
         inpainting = pl.inpainting_inputs(model, frozen, image, mask)
+        steering = [pl.Control(m, *args) for m, args in zip(modules, control_args)]
         x, eps = pl.sample(model, frozen, trainable, pl.EmbeddingSets(*sets), noise, state, jnp.int32(merge),
-                           jnp.float32(5.0), collect=True, inpainting=inpainting, start=start)
+                           jnp.float32(5.0), collect=True, inpainting=inpainting, start=start, controls=steering)
         return pl.decode(model, frozen, x), eps
 
-    img, eps = run(frozen, trainable, tuple(sets), noise, image, mask)
+    img, eps = run(frozen, trainable, tuple(sets), noise, image, mask, [tuple(c[1:]) for c in controls])
     return np.asarray(img), np.asarray(eps)
 
 
@@ -325,3 +328,37 @@ def test_inpainting_arrays_equal_diffusers_processors():
     assert 0 < small.mean() < 1
     with pytest.raises(Exception, match="the mask is 256x256 but the init image is 512x512"):
         pl.inpainting_arrays(photo, mask[::2, ::2], 64, 64)
+
+
+def test_controlnets_with_inpainting_match_the_reference_loop(setup, jax_sets, torch_sets, tmp_path):
+    """The reference's ControlNet + inpainting pipeline: an inpainting ControlNet (masked pixels at
+    -1) for the whole run and a second one on an edge picture for the middle of it, both through
+    our ControlNet loader, with a 4-channel UNet at strength 0.75."""
+    from cid_jax.models import presets
+    from cid_jax.weights.controlnet import load_controlnet
+
+    model, frozen, trainable, tm, _, noise = setup
+    image, mask = _inpainting_case(model)
+    control_images = [np.stack([pl.inpaint_control(image[0], mask[0])] * 2),
+                      np.stack([pl.control_arrays(np.asarray((image[0] * 255).astype(np.uint8))[..., ::-1].copy(),
+                                                  *image.shape[1:3])] * 2)]
+    settings = [(0.8, 0.0, 1.0), (0.5, 0.25, 0.75)]
+    torch_nets, controls = [], []
+    for k, (control_image, (scale, begin, end)) in enumerate(zip(control_images, settings)):
+        plain = diffusers.UNet2DConditionModel(**presets.get("tiny-sd15")["unet"])  # ours carries ConsistentID processors
+        levels = int(np.log2(model.vae.config.downscale)) + 1  # the control image enters at the VAE's factor
+        net = diffusers.ControlNetModel.from_unet(plain, conditioning_embedding_out_channels=(8, 16, 16, 16)[:levels])
+        net = perturb_torch(net, 10 + k, 0.1)
+        net.save_pretrained(tmp_path / f"controlnet{k}")
+        module, params = load_controlnet(tmp_path / f"controlnet{k}")
+        torch_nets.append((net, control_image, scale, begin, end))
+        start = pl.first_step(STEPS, 0.75)
+        controls.append((module, params, control_image, scale, pl.control_keep(STEPS - start, begin, end)))
+    from cid_jax.schedulers import SD15_SCHEDULER_CONFIG
+
+    want = ref_pipeline.inpaint(tm["unet"], tm["vae"], diffusers.DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+                                torch_sets, noise, image, mask, STEPS, 0.75, 1, 5.0, controlnets=torch_nets)
+    ours = _jax_inpaint(model, frozen, trainable, jax_sets, noise, image, mask, "ddim", 0.75, 1, controls)
+    _compare_runs(ours, want)
+    without = _jax_inpaint(model, frozen, trainable, jax_sets, noise, image, mask, "ddim", 0.75, 1)
+    assert np.abs(ours[1] - without[1]).max() > 1e-3  # the ControlNets steer

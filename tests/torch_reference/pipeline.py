@@ -71,7 +71,7 @@ def sample(unet, vae, scheduler, sets, noise_nhwc, steps: int, start_merge_step:
 
 @torch.no_grad()
 def inpaint(unet, vae, scheduler, sets, noise_nhwc, image01_nhwc, mask01_nhwc, steps: int, strength: float,
-            start_merge_step: int, guidance: float):
+            start_merge_step: int, guidance: float, controlnets=()):
     """The reference's inpainting loop (pipelines/StableDIffusionInpaint_ConsistentID.py) + decode:
     the init image's latents (the posterior's mean, where the reference draws a sample with its
     generator), a partial start for strength < 1, a 9-channel UNet fed [latents, mask, masked-image
@@ -103,9 +103,21 @@ def inpaint(unet, vae, scheduler, sets, noise_nhwc, image01_nhwc, mask01_nhwc, s
     for i, t in enumerate(timesteps):
         cond = text if i <= start_merge_step else augmented
         latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        residuals = {}
+        if controlnets:
+            control_in = scheduler.scale_model_input(latents, t)
+            down, mid = None, None
+            for net, control_image, scale, start, end in controlnets:
+                keep = 1.0 - float(i / len(timesteps) < start or (i + 1) / len(timesteps) > end)
+                d, m = net(control_in, t, encoder_hidden_states=cond, controlnet_cond=_nchw(control_image),
+                           conditioning_scale=scale * keep, return_dict=False)
+                down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+                mid = m if mid is None else mid + m
+            residuals = dict(down_block_additional_residuals=[torch.cat([r, r]) for r in down],
+                             mid_block_additional_residual=torch.cat([mid, mid]))
         if nine:
             latent_in = torch.cat([latent_in, mask_in, masked_in], dim=1)
-        eps = unet(latent_in, t, encoder_hidden_states=torch.cat([null, cond])).sample
+        eps = unet(latent_in, t, encoder_hidden_states=torch.cat([null, cond]), **residuals).sample
         eps_uncond, eps_cond = eps.chunk(2)
         guided = eps_uncond + guidance * (eps_cond - eps_uncond)
         per_step.append(guided.permute(0, 2, 3, 1).numpy())
