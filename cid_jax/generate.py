@@ -89,6 +89,18 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--strength", type=float, default=1.0,
                    help="inpainting: how far the init image is noised before denoising (1: from pure noise, "
                         "the reference demo's; 0.6: the last 60%% of the steps)")
+    p.add_argument("--controlnet", action="append", default=[],
+                   help="a diffusers ControlNet folder (repeat for several, each with its --control_image)")
+    p.add_argument("--control_image", action="append", default=[],
+                   help="the control picture of each --controlnet, in the same order (a canny edge map, a "
+                        "pose drawing ...), or 'inpaint': the init image with the masked pixels at -1, for "
+                        "an inpainting ControlNet (control_v11p_sd15_inpaint), as the reference's demo")
+    p.add_argument("--controlnet_scale", action="append", type=float, default=[],
+                   help="conditioning scale of each --controlnet (default 0.5 each, the reference's)")
+    p.add_argument("--control_guidance_start", type=float, default=0.0,
+                   help="fraction of the steps before the ControlNets act")
+    p.add_argument("--control_guidance_end", type=float, default=1.0,
+                   help="fraction of the steps after which they stop")
     return p.parse_args(argv)
 
 def seeds_of(args) -> list[int]:
@@ -128,6 +140,16 @@ def check_args(args) -> None:
         problems.append(f"--strength={args.strength}: must be in (0, 1]")
     elif args.strength < 1.0 and not args.mask:
         problems.append(f"--strength={args.strength} applies to inpainting: give --mask")
+    if len(args.control_image) != len(args.controlnet):
+        problems.append(f"{len(args.control_image)} --control_image for {len(args.controlnet)} --controlnet: "
+                        "give one control image per ControlNet, in the same order")
+    if args.controlnet_scale and len(args.controlnet_scale) != len(args.controlnet):
+        problems.append(f"{len(args.controlnet_scale)} --controlnet_scale for {len(args.controlnet)} --controlnet")
+    if "inpaint" in args.control_image and not args.mask:
+        problems.append("--control_image=inpaint is made from the init image and --mask: give --mask")
+    if not 0.0 <= args.control_guidance_start < args.control_guidance_end <= 1.0:
+        problems.append(f"--control_guidance_start={args.control_guidance_start} / --control_guidance_end="
+                        f"{args.control_guidance_end}: need 0 <= start < end <= 1")
     if args.init_image and not args.mask:
         problems.append("--init_image without --mask: give the mask of what to repaint (white = repaint)")
     if args.guidance is not None and not math.isfinite(args.guidance):
@@ -193,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 inpaint = pl.inpainting_arrays(init, mask, height, width)
             except cli.UserError as e:
                 raise type(e)(f"--mask={args.mask}: {e}") from None
+        controls = control_requests(args, loaded, inpaint, height, width)
         requests = [inference.ImageRequest(face, p, s) for p in prompts for s in seeds]
         batch_size = args.batch_size or min(len(requests), 4)
         log.info("%d image(s) (%d prompt(s) x %d seed(s)), %d per call, %dx%d, %d %s steps", len(requests),
@@ -200,11 +223,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images, timing = inference.generate_requests(
             loaded, requests, negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
             merge_step=args.merge_step, sampler=args.sampler, height=height, width=width, caption=args.caption,
-            batch_size=batch_size, progress=True, ip_scale=args.ip_scale, inpaint=inpaint, strength=args.strength)
+            batch_size=batch_size, progress=True, ip_scale=args.ip_scale, inpaint=inpaint, strength=args.strength,
+            controls=controls)
     log.info("loaded in %.1f s; compiled in %.1f s (%s); sampled %d image(s) in %.1f s (%.2f s/image)",
              load_s, timing.compile_s, stats.describe(), len(images), timing.sample_s, timing.s_per_image)
     write_images(args, images, requests, guidance)
     return 0
+
+
+def control_requests(args, loaded, inpaint, height: int, width: int) -> list:
+    """The ControlNets the flags ask for, loaded and checked, with their control images."""
+    from cid_jax import sampling as pl
+
+    scales = args.controlnet_scale or [0.5] * len(args.controlnet)
+    out = []
+    for (module, params), picture, scale in zip(inference.load_controlnets(args.controlnet, loaded),
+                                                args.control_image, scales):
+        if picture == "inpaint":
+            image = pl.inpaint_control(*inpaint)
+        else:
+            image = pl.control_arrays(inference.read_image(picture), height, width)
+        out.append(inference.ControlRequest(module, params, image, scale, args.control_guidance_start,
+                                            args.control_guidance_end))
+    return out
 
 
 def write_images(args, images: np.ndarray, requests: Sequence[inference.ImageRequest], guidance: float) -> None:
@@ -217,6 +258,10 @@ def write_images(args, images: np.ndarray, requests: Sequence[inference.ImageReq
                   checkpoint=str(args.checkpoint), image=str(args.image))
     if args.mask:
         common.update(mask=str(args.mask), init_image=str(args.init_image or args.image), strength=args.strength)
+    if args.controlnet:
+        common.update(controlnet=list(args.controlnet), control_image=list(args.control_image),
+                      controlnet_scale=args.controlnet_scale or [0.5] * len(args.controlnet),
+                      control_guidance=[args.control_guidance_start, args.control_guidance_end])
     def save(image: np.ndarray, where, info: dict) -> None:  # local or remote (gs://...), whole or not at all
         paths.write_atomic(where, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=png_info(info)))
 

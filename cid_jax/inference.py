@@ -240,6 +240,32 @@ class ImageRequest:
     seed: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ControlRequest:
+    """One ControlNet for `generate_requests`: its module and params (`load_controlnets`), its
+    control image at the output size (`sampling.control_arrays`), scale and active span."""
+    module: object
+    params: object
+    image: np.ndarray
+    scale: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+
+def load_controlnets(folders: Sequence[str], loaded: "Loaded") -> list[tuple]:
+    """(module, params) of each ControlNet folder (local or remote), in the model's dtype, each
+    checked to fit the model's UNet."""
+    from cid_jax.models.controlnet import check_fits
+    from cid_jax.weights.controlnet import load_controlnet
+
+    out = []
+    for folder in folders:
+        module, params = load_controlnet(paths.local_copy(folder), dtype=loaded.model.unet.dtype)
+        check_fits(module.config, loaded.model.unet.config, f"--controlnet={folder}")
+        out.append((module, params))
+    return out
+
+
 @dataclasses.dataclass
 class Timing:
     compile_s: float = 0.0     # compiling the batch program (0 when the persistent cache had it)
@@ -256,12 +282,13 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
                       caption: Optional[str] = None, batch_size: Optional[int] = None,
                       progress: bool = False, programs: Optional[dict] = None,
                       generator=None, ip_scale: float = 1.0, inpaint: Optional[tuple] = None,
-                      strength: float = 1.0) -> tuple[np.ndarray, Timing]:
+                      strength: float = 1.0, controls: Sequence["ControlRequest"] = ()) -> tuple[np.ndarray, Timing]:
     """uint8 images [len(requests), H, W, 3] in request order, made `batch_size` at a time by one
     compiled program (the last batch padded by repeating its last request; default: all at once).
 
     `inpaint`: (init image, mask) as `sampling.inpainting_arrays` gives them at height x width: every
     image repaints the mask's white part of the init image, starting at `strength` (1: from noise).
+    `controls`: ControlNets steering every image (`ControlRequest`).
 
     `programs`: a dict that keeps the compiled programs between calls (keyed by the batch's shapes),
     for callers that generate again and again (training-time evaluation, the web demo); then only
@@ -292,8 +319,10 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
     if start and inpaint is None:
         raise errors.InputError(f"--strength={strength} needs an image to start from (--mask, --init_image)")
     generator = generator if generator is not None else pl.Generator(loaded.model)
-    if generator.start != start:
-        generator = dataclasses.replace(generator, start=start)
+    modules = tuple(c.module for c in controls)
+    if generator.start != start or generator.controlnets != modules:
+        generator = dataclasses.replace(generator, start=start, controlnets=modules)
+    frozen = dict(loaded.frozen, controlnets=[c.params for c in controls]) if controls else loaded.frozen
     programs = {} if programs is None else programs
 
     def batch_inputs(batch):
@@ -305,6 +334,10 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
         if inpaint is not None:
             inputs["init_image"] = np.repeat(inpaint[0][None], len(batch), axis=0)
             inputs["inpaint_mask"] = np.repeat(inpaint[1][None], len(batch), axis=0)
+        for k, c in enumerate(controls):
+            inputs[f"control_image_{k}"] = np.repeat(c.image[None], len(batch), axis=0)
+            inputs[f"control_scale_{k}"] = np.float32(c.scale)
+            inputs[f"control_keep_{k}"] = pl.control_keep(steps - start, c.guidance_start, c.guidance_end)
         return inputs, pl.initial_noise([r.seed for r in batch], shape)
 
     batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
@@ -314,9 +347,9 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
     inputs, noise = batch_inputs(batches[0])
     key = (tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in sorted(inputs.items())), noise.shape,
            tuple(np.shape(x) for x in jax.tree.leaves(state)), id(generator.model), repr(generator.out_sharding),
-           generator.start)
+           generator.start, tuple(id(m) for m in generator.controlnets))
     if key not in programs:
-        programs[key] = generator.compile(loaded.frozen, loaded.trainable, inputs, noise, state)
+        programs[key] = generator.compile(frozen, loaded.trainable, inputs, noise, state)
         timing.compile_s = time.perf_counter() - t0
     compiled = programs[key]
     from tqdm.auto import tqdm
@@ -327,7 +360,7 @@ def generate_requests(loaded: Loaded, requests: Sequence[ImageRequest], *, negat
         if k:
             inputs, noise = batch_inputs(batch)
         t0 = time.perf_counter()
-        images, _ = compiled(loaded.frozen, loaded.trainable, inputs, noise, state, jnp.int32(merge_step),
+        images, _ = compiled(frozen, loaded.trainable, inputs, noise, state, jnp.int32(merge_step),
                              jnp.float32(guidance), jnp.float32(ip_scale))
         images = pl.to_uint8(images)  # waits for the batch
         timing.sample_s += time.perf_counter() - t0

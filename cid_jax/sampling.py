@@ -422,18 +422,23 @@ class Generator:
     model: ConsistentID
     out_sharding: Any = None
     start: int = 0
+    controlnets: tuple = ()   # ControlNetModel modules; their params in frozen["controlnets"], their
+    #                           images, scales and per-step keeps in inputs["control_image_k"] ...
 
     @functools.cached_property
     def fn(self):
-        model, start = self.model, self.start
+        model, start, controlnets = self.model, self.start, self.controlnets
 
         def run(frozen, trainable, inputs, noise, state, merge_step, guidance, ip_scale):
             sets = embedding_sets(model, frozen, trainable, inputs)
             inpainting = None
             if "init_image" in inputs:
                 inpainting = inpainting_inputs(model, frozen, inputs["init_image"], inputs["inpaint_mask"])
+            controls = [Control(m, frozen["controlnets"][k], inputs[f"control_image_{k}"],
+                                inputs[f"control_scale_{k}"], inputs[f"control_keep_{k}"])
+                        for k, m in enumerate(controlnets)]
             latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance, ip_scale=ip_scale,
-                             inpainting=inpainting, start=start)
+                             inpainting=inpainting, start=start, controls=controls)
             return decode(model, frozen, latents), latents
 
         return jax.jit(run, out_shardings=self.out_sharding)
@@ -449,7 +454,9 @@ class Generator:
         args = (frozen, trainable, inputs, noise, state, jnp.int32(0), jnp.float32(0), jnp.float32(1))
         if self.out_sharding is not None:
             return self.fn.lower(*args).compile()
-        return runtime.compile_cached("generate", self.fn, args, f"{runtime.describe(self.model)} start={self.start}")
+        signature = " ".join([runtime.describe(self.model), f"start={self.start}"]
+                             + [runtime.describe(m) for m in self.controlnets])
+        return runtime.compile_cached("generate", self.fn, args, signature)
 
 
 def latent_shape(model: ConsistentID, height: int, width: int) -> tuple[int, int, int]:

@@ -126,3 +126,55 @@ def test_cli_inpaints_the_photo_where_the_mask_is_white(demo_workdir, astronaut,
         assert gen.main(common + flags + [f"--out={tmp_path / 'x.png'}"]) == cli.EXIT_USAGE, flags
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def _tiny_controlnet(folder, **unet_changes):
+    """A diffusers ControlNet for the demo preset's UNet (its control image enters at the VAE's factor)."""
+    import diffusers
+
+    from cid_jax.models import presets
+
+    tiny = presets.get("tiny-sd15")
+    levels = len(tiny["vae"]["block_out_channels"])  # the VAE halves the side levels - 1 times
+    unet = diffusers.UNet2DConditionModel(**dict(tiny["unet"], **unet_changes))
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16)[:levels])
+    net.save_pretrained(folder)
+    return folder
+
+
+def test_cli_controlnets_with_inpainting(demo_workdir, astronaut, tmp_path, capsys):
+    """Two ControlNets (an inpainting one fed the masked photo, one fed an edge picture) with
+    inpainting, as the reference's demo; a ControlNet of another base model, a control image
+    without a ControlNet and 'inpaint' without a mask are one line each."""
+    import json
+
+    import skimage.feature
+    from PIL import Image
+
+    pytest.importorskip("diffusers")
+    photo, mask, edges, out = (tmp_path / n for n in ("astronaut.png", "mask.png", "edges.png", "out.png"))
+    Image.fromarray(astronaut).save(photo)
+    white = np.zeros(astronaut.shape[:2], np.uint8)
+    white[40:220, 150:330] = 255
+    Image.fromarray(white).save(mask)
+    Image.fromarray((skimage.feature.canny(astronaut.mean(-1)) * 255).astype(np.uint8)).save(edges)
+    net = _tiny_controlnet(tmp_path / "controlnet")
+    common = [f"--checkpoint={demo_workdir[0]}", f"--image={photo}", "--prompt=a portrait", "--steps=3",
+              "--merge_step=1"]
+    assert gen.main(common + [f"--mask={mask}", f"--controlnet={net}", "--control_image=inpaint",
+                              f"--controlnet={net}", f"--control_image={edges}", "--controlnet_scale=0.8",
+                              "--controlnet_scale=0.3", "--control_guidance_end=0.7", f"--out={out}"]) == 0
+    with Image.open(out) as im:
+        settings = json.loads(im.text["parameters"])
+    assert settings["control_image"] == ["inpaint", str(edges)] and settings["controlnet_scale"] == [0.8, 0.3]
+
+    other = _tiny_controlnet(tmp_path / "other", cross_attention_dim=32)
+    capsys.readouterr()
+    for flags, message in (([f"--controlnet={other}", f"--control_image={edges}"],
+                            "was made for another base model (cross_attention_dim: 32 vs the UNet's 64)"),
+                           ([f"--control_image={edges}"], "1 --control_image for 0 --controlnet"),
+                           ([f"--controlnet={net}", "--control_image=inpaint"], "--control_image=inpaint is made "
+                                                                                 "from the init image and --mask")):
+        assert gen.main(common + flags + [f"--out={tmp_path / 'x.png'}"]) == cli.EXIT_USAGE, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
