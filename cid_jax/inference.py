@@ -255,8 +255,7 @@ class ControlRequest:
 def load_controlnets(folders: Sequence[str], loaded: "Loaded") -> list[tuple]:
     """(module, params) of each ControlNet folder (local or remote), in the model's dtype, each
     checked to fit the model's UNet."""
-    from cid_jax.models.controlnet import check_fits
-    from cid_jax.weights.controlnet import load_controlnet
+    from cid_jax.weights.controlnet import check_fits, load_controlnet
 
     out = []
     for folder in folders:

@@ -143,7 +143,8 @@ def test_a_unet_folder_is_not_a_controlnet(unet, tmp_path):
 
 
 def test_a_controlnet_of_another_base_model_is_refused(controlnet):
-    from cid_jax.models.controlnet import ControlNetConfig, check_fits
+    from cid_jax.models.controlnet import ControlNetConfig
+    from cid_jax.weights.controlnet import check_fits
     from cid_jax.models.unet import SD15_UNET, UNetConfig
 
     config = ControlNetConfig.from_json(controlnet[1] / "config.json")

@@ -131,21 +131,6 @@ class ControlNetModel(nn.Module):
         return inputs
 
 
-def check_fits(config: ControlNetConfig, unet: UNetConfig, name: str = "the ControlNet") -> None:
-    """A ControlNet steers only a UNet of its own base model: the same widths, levels, text context
-    and added embedding (an SDXL ControlNet on an SD1.5 UNet, say, is refused before anything runs).
-    The input channels may differ: a 9-channel inpainting UNet is steered by a 4-channel ControlNet
-    that sees the latents alone."""
-    fields = ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
-              "addition_embed_type")
-    differ = [f"{f}: {getattr(config.unet, f)!r} vs the UNet's {getattr(unet, f)!r}" for f in fields
-              if getattr(config.unet, f) != getattr(unet, f)]
-    if differ:
-        from cid_jax import errors
-
-        raise errors.InputError(f"{name} was made for another base model ({'; '.join(differ)})")
-
-
 def sum_controls(controls: Sequence[tuple]) -> Optional[tuple]:
     """Several ControlNets act as one: their residuals are summed (diffusers' MultiControlNetModel)."""
     if not controls:
