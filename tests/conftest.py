@@ -58,3 +58,15 @@ def demo_workdir(tmp_path_factory):
     trainable = random_params(abstract_trainable(model), seed=7)
     export_trainable(trainable, config, workdir / "consistentid.safetensors")
     return workdir, trainable
+
+
+# The longest test files, longest first (from CI's --durations). Two xdist workers take whole files in
+# collection order, so starting these first keeps one long file from running alone at the end.
+LONGEST_FIRST = ("test_pod_path.py", "test_aot.py", "test_reliability.py", "test_train.py", "test_serving.py",
+                 "test_train_step.py", "test_finetune_and_evaluate.py", "test_fast_start.py",
+                 "test_generate_parity.py", "test_generate.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
