@@ -310,6 +310,8 @@ def first_step(steps: int, strength: float) -> int:
     from pure noise; strength s skips the first steps - int(steps * s)."""
     if not 0.0 < strength <= 1.0:
         raise errors.InputError(f"--strength={strength} must be in (0, 1]")
+    if int(steps * strength) < 1:  # diffusers refuses this too: not one step would run
+        raise errors.InputError(f"--strength={strength} with --steps={steps} leaves no denoising step; raise either")
     return max(steps - min(int(steps * strength), steps), 0)
 
 
