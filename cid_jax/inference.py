@@ -124,7 +124,11 @@ def noise_config_for(config) -> dict:
         if config.model.base else None
     if sched_file is not None and sched_file.exists():
         return json.loads(sched_file.read_text())
-    return dict(config.noise, steps_offset=config.noise.get("steps_offset", 1))
+    # No scheduler folder (a preset, a bare base): the variant's shipped config with the run's noise
+    # schedule on top, so DDIM keeps SD's clip_sample=False / set_alpha_to_one=False, as PyTorch does.
+    from cid_jax import schedulers
+
+    return dict(schedulers.standard_config(config.model.variant), **config.noise)
 
 
 def load(checkpoint: str, base: Optional[str] = None, image_encoder: Optional[str] = None,

@@ -136,6 +136,12 @@ SDXL_SCHEDULER_CONFIG: dict = {
 }
 
 
+
+def standard_config(variant: str) -> dict:
+    """The scheduler config the variant's base models ship (for a base folder without scheduler/)."""
+    return dict(SDXL_SCHEDULER_CONFIG if variant == "sdxl" else SD15_SCHEDULER_CONFIG)
+
+
 # --------------------------------------------------------------------------------- host tables
 
 
