@@ -64,6 +64,30 @@ def add_model_flags(p) -> None:
     runtime.add_cache_flags(p)
 
 
+def add_edit_flags(p) -> None:
+    """Inpainting and ControlNet flags (generate and convert/run_pytorch.py)."""
+    p.add_argument("--mask", help="inpainting: a picture the size of the init image, white = repaint "
+                                  "(the reference's inpainting pipeline)")
+    p.add_argument("--init_image", help="inpainting: the picture to repaint (default: --image, as the reference, "
+                                        "which repaints the ID photo itself)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="inpainting: how far the init image is noised before denoising (1: from pure noise, "
+                        "the reference demo's; 0.6: the last 60%% of the steps)")
+    p.add_argument("--controlnet", action="append", default=[],
+                   help="a diffusers ControlNet folder (repeat for several, each with its --control_image)")
+    p.add_argument("--control_image", action="append", default=[],
+                   help="the control picture of each --controlnet, in the same order (an edge map, a pose "
+                        "drawing ...); or 'canny': OpenCV's Canny edges (100, 200) of the init image, as the "
+                        "reference's demos make them; or 'inpaint': the init image with the masked pixels at "
+                        "-1, for an inpainting ControlNet (control_v11p_sd15_inpaint)")
+    p.add_argument("--controlnet_scale", action="append", type=float, default=[],
+                   help="conditioning scale of each --controlnet (default 0.5 each, the reference's)")
+    p.add_argument("--control_guidance_start", type=float, default=0.0,
+                   help="fraction of the steps before the ControlNets act")
+    p.add_argument("--control_guidance_end", type=float, default=1.0,
+                   help="fraction of the steps after which they stop")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = cli.ArgumentParser(prog="python -m cid_jax.generate", description=__doc__)
     add_model_flags(p)
@@ -82,25 +106,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--out", default="consistentid.png",
                    help="PNG path; several images: this is their grid, and each is also <out>_<k>.png")
     p.add_argument("--parsing", help="a 19-class parsing map (PNG) of the photo, used instead of a parser")
-    p.add_argument("--mask", help="inpainting: a picture the size of the init image, white = repaint "
-                                  "(the reference's inpainting pipeline)")
-    p.add_argument("--init_image", help="inpainting: the picture to repaint (default: --image, as the reference, "
-                                        "which repaints the ID photo itself)")
-    p.add_argument("--strength", type=float, default=1.0,
-                   help="inpainting: how far the init image is noised before denoising (1: from pure noise, "
-                        "the reference demo's; 0.6: the last 60%% of the steps)")
-    p.add_argument("--controlnet", action="append", default=[],
-                   help="a diffusers ControlNet folder (repeat for several, each with its --control_image)")
-    p.add_argument("--control_image", action="append", default=[],
-                   help="the control picture of each --controlnet, in the same order (a canny edge map, a "
-                        "pose drawing ...), or 'inpaint': the init image with the masked pixels at -1, for "
-                        "an inpainting ControlNet (control_v11p_sd15_inpaint), as the reference's demo")
-    p.add_argument("--controlnet_scale", action="append", type=float, default=[],
-                   help="conditioning scale of each --controlnet (default 0.5 each, the reference's)")
-    p.add_argument("--control_guidance_start", type=float, default=0.0,
-                   help="fraction of the steps before the ControlNets act")
-    p.add_argument("--control_guidance_end", type=float, default=1.0,
-                   help="fraction of the steps after which they stop")
+    add_edit_flags(p)
     return p.parse_args(argv)
 
 def seeds_of(args) -> list[int]:
@@ -123,19 +129,9 @@ def png_info(parameters: dict):
     return info
 
 
-def check_args(args) -> None:
-    """Flag values that cannot work, found before anything is loaded."""
-    import math
-
+def edit_problems(args) -> list[str]:
+    """What is wrong with the inpainting / ControlNet flags (`add_edit_flags`), one line each."""
     problems = []
-    if args.steps < 1:
-        problems.append(f"--steps={args.steps}: must be >= 1 (the reference uses 50)")
-    if args.num_images < 1:
-        problems.append(f"--num_images={args.num_images}: must be >= 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        problems.append(f"--batch_size={args.batch_size}: must be >= 1")
-    if not args.prompt and not args.prompts_file:
-        problems.append("no prompt: give --prompt (repeatable) or --prompts_file")
     if not (0.0 < args.strength <= 1.0):
         problems.append(f"--strength={args.strength}: must be in (0, 1]")
     elif args.strength < 1.0 and not args.mask:
@@ -152,6 +148,23 @@ def check_args(args) -> None:
                         f"{args.control_guidance_end}: need 0 <= start < end <= 1")
     if args.init_image and not args.mask:
         problems.append("--init_image without --mask: give the mask of what to repaint (white = repaint)")
+    return problems
+
+
+def check_args(args) -> None:
+    """Flag values that cannot work, found before anything is loaded."""
+    import math
+
+    problems = []
+    if args.steps < 1:
+        problems.append(f"--steps={args.steps}: must be >= 1 (the reference uses 50)")
+    if args.num_images < 1:
+        problems.append(f"--num_images={args.num_images}: must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        problems.append(f"--batch_size={args.batch_size}: must be >= 1")
+    if not args.prompt and not args.prompts_file:
+        problems.append("no prompt: give --prompt (repeatable) or --prompts_file")
+    problems += edit_problems(args)
     if args.guidance is not None and not math.isfinite(args.guidance):
         problems.append(f"--guidance={args.guidance}: must be a finite number (the reference uses 5; SDXL 7.5)")
     for name in ("height", "width"):
@@ -207,15 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         height, width = args.height or size, args.width or size
         guidance = args.guidance if args.guidance is not None else defaults.guidance
         face = pl.face_batch(image, label_map, id_embedding)
-        inpaint = None
-        if args.mask:
-            init = inference.read_image(args.init_image) if args.init_image else image
-            mask = inference.read_image(args.mask)
-            try:
-                inpaint = pl.inpainting_arrays(init, mask, height, width)
-            except cli.UserError as e:
-                raise type(e)(f"--mask={args.mask}: {e}") from None
-        controls = control_requests(args, loaded, inpaint, height, width)
+        inpaint, control_images = edit_arrays(args, image, height, width)
+        controls = control_requests(args, loaded, control_images)
         requests = [inference.ImageRequest(face, p, s) for p in prompts for s in seeds]
         batch_size = args.batch_size or min(len(requests), 4)
         log.info("%d image(s) (%d prompt(s) x %d seed(s)), %d per call, %dx%d, %d %s steps", len(requests),
@@ -231,21 +237,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def control_requests(args, loaded, inpaint, height: int, width: int) -> list:
-    """The ControlNets the flags ask for, loaded and checked, with their control images."""
+def edit_arrays(args, image: np.ndarray, height: int, width: int) -> tuple:
+    """The host arrays the edit flags ask for: (init image, mask) at the output size or None, and
+    each --control_image ('canny' and 'inpaint' made from the init image) as the ControlNets read it."""
     from cid_jax import sampling as pl
 
-    scales = args.controlnet_scale or [0.5] * len(args.controlnet)
-    out = []
-    for (module, params), picture, scale in zip(inference.load_controlnets(args.controlnet, loaded),
-                                                args.control_image, scales):
+    init = inference.read_image(args.init_image) if args.init_image else image
+    inpaint = None
+    if args.mask:
+        try:
+            inpaint = pl.inpainting_arrays(init, inference.read_image(args.mask), height, width)
+        except cli.UserError as e:
+            raise type(e)(f"--mask={args.mask}: {e}") from None
+    control_images = []
+    for picture in args.control_image:
         if picture == "inpaint":
-            image = pl.inpaint_control(*inpaint)
+            control_images.append(pl.inpaint_control(*inpaint))
+        elif picture == "canny":
+            control_images.append(pl.control_arrays(pl.canny_control(init), height, width))
         else:
-            image = pl.control_arrays(inference.read_image(picture), height, width)
-        out.append(inference.ControlRequest(module, params, image, scale, args.control_guidance_start,
-                                            args.control_guidance_end))
-    return out
+            control_images.append(pl.control_arrays(inference.read_image(picture), height, width))
+    return inpaint, control_images
+
+
+def control_requests(args, loaded, control_images: Sequence[np.ndarray]) -> list:
+    """The ControlNets the flags ask for, loaded and checked, with their control images."""
+    scales = args.controlnet_scale or [0.5] * len(args.controlnet)
+    return [inference.ControlRequest(module, params, image, scale, args.control_guidance_start,
+                                     args.control_guidance_end)
+            for (module, params), image, scale in zip(inference.load_controlnets(args.controlnet, loaded),
+                                                      control_images, scales)]
 
 
 def write_images(args, images: np.ndarray, requests: Sequence[inference.ImageRequest], guidance: float) -> None:

@@ -305,6 +305,23 @@ def inpaint_control(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask >= 0.5, -1.0, image).astype(np.float32)
 
 
+def canny_control(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """The edge picture a canny ControlNet is conditioned on, as the reference's demos make it from
+    the init image: OpenCV's Canny at thresholds 100 / 200 on the RGB picture (uint8 [H, W, 3]),
+    white edges on black as three equal channels."""
+    try:
+        import cv2
+    except ImportError:
+        raise errors.InputError("canny control images use OpenCV's Canny, as the reference's demos: "
+                                "pip install opencv-python (in the [face] extra)") from None
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise errors.InputError(f"a canny control image is made from an RGB picture (uint8 [H, W, 3]), got "
+                                f"{image.dtype} {image.shape}")
+    edges = cv2.Canny(np.ascontiguousarray(image), low, high)
+    return np.repeat(edges[..., None], 3, axis=-1)
+
+
 def first_step(steps: int, strength: float) -> int:
     """Where a partial denoising starts (diffusers' get_timesteps): strength 1 runs every step
     from pure noise; strength s skips the first steps - int(steps * s)."""

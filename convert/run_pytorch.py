@@ -267,9 +267,9 @@ class ConsistentIDTorch:
         if sched_dir.is_dir():
             self.scheduler = cls.from_pretrained(sched_dir)
         else:
-            from cid_jax.schedulers import SD15_SCHEDULER_CONFIG
+            from cid_jax.schedulers import standard_config
 
-            self.scheduler = cls.from_config(SD15_SCHEDULER_CONFIG)
+            self.scheduler = cls.from_config(standard_config("sdxl" if self.sdxl else "sd15"))
         self.device, self.dtype = device, dtype
         for m in (self.unet, self.vae, self.text, self.text2, self.vision, self.fe, self.proj):
             if m is not None:
@@ -294,10 +294,34 @@ class ConsistentIDTorch:
         out2 = self.text2(ids_2, output_hidden_states=True)
         return torch.cat([h1, out2.hidden_states[-2]], -1), out2.text_embeds
 
+    def _controls(self, controls, x_in, t, cond, added, i: int) -> dict:
+        """The summed residuals of the ControlNets at step i (the conditional half only: the latents,
+        the conditional context and, SDXL, its added embeddings), for both halves of the batch."""
+        down = mid = None
+        for net, image, scale, keep in controls:
+            d, m = net(x_in.to(self.dtype), t, encoder_hidden_states=cond, controlnet_cond=image,
+                       conditioning_scale=float(scale * keep[i]), added_cond_kwargs=added, return_dict=False)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return {}
+        return dict(down_block_additional_residuals=[torch.cat([r, r]) for r in down],
+                    mid_block_additional_residual=torch.cat([mid, mid]))
+
     @torch.no_grad()
-    def __call__(self, inputs: dict, noise_nhwc, steps=50, merge_step=30, guidance=5.0) -> np.ndarray:
+    def __call__(self, inputs: dict, noise_nhwc, steps=50, merge_step=30, guidance=5.0, inpaint=None,
+                 strength=1.0, controls=()) -> np.ndarray:
         """Host inputs (cid_jax.sampling.model_inputs; SDXL also `time_ids`) + initial noise ->
-        images [B,H,W,3] in [0,1]."""
+        images [B,H,W,3] in [0,1].
+
+        `inpaint`: (image [B,H,W,3] in [0,1], mask [B,H,W,1] in {0,1}) from
+        `cid_jax.sampling.inpainting_arrays`: the reference's inpainting loop (a 9-channel UNet sees
+        [latents, mask, masked-image latents]; a 4-channel one keeps the unmasked part, blended from the
+        init latents noised to the next step), `strength` < 1 starting part-way. `controls`: (diffusers
+        ControlNetModel, control image [B,H,W,3], scale, keep [steps run]) each, as the reference's
+        ControlNet pipeline runs them. Init latents are the VAE posterior's mean, as in cid_jax."""
+        from cid_jax import sampling as pl
+
         ids = lambda k: self._t(inputs[k], torch.long)  # noqa: E731
         # SDXL's encoder 2 reads each text as tokenizer_2 gives it (inputs "<key>_2").
         texts = lambda k: (ids(k), ids(k + "_2") if self.sdxl else None)  # noqa: E731
@@ -317,22 +341,49 @@ class ConsistentIDTorch:
         if self.sdxl:
             if "time_ids" not in inputs:
                 raise ValueError("SDXL needs inputs['time_ids'] (cid_jax.data.batch.sdxl_time_ids)")
-            time_ids = self._t(inputs["time_ids"]).repeat(2, 1)
+            time_ids = self._t(inputs["time_ids"])
 
+        nchw = lambda a: self._t(np.moveaxis(np.asarray(a), -1, 1), torch.float32)  # noqa: E731
         self.scheduler.set_timesteps(steps, device=self.device)
-        x = self._t(np.moveaxis(np.asarray(noise_nhwc), -1, 1), torch.float32) * self.scheduler.init_noise_sigma
-        for i, t in enumerate(self.scheduler.timesteps):
+        start = pl.first_step(steps, strength) if inpaint is not None else 0
+        timesteps = self.scheduler.timesteps[start * self.scheduler.order:]
+        if inpaint is not None and hasattr(self.scheduler, "set_begin_index"):  # as diffusers' get_timesteps
+            self.scheduler.set_begin_index(start * self.scheduler.order)
+        noise = nchw(noise_nhwc)
+        x = noise * self.scheduler.init_noise_sigma
+        nine = self.unet.config.in_channels == 9
+        if inpaint is not None:
+            pixels, mask = nchw(inpaint[0]) * 2 - 1, nchw(inpaint[1])
+            encode = lambda p: (self.vae.encode(p.to(self.dtype)).latent_dist.mean.float()  # noqa: E731
+                                * self.vae.config.scaling_factor)
+            image_latents = encode(pixels)
+            small = F.interpolate(mask, size=noise.shape[-2:])
+            masked = torch.cat([encode(pixels * (mask < 0.5))] * 2).to(self.dtype)
+            if start:
+                x = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(noise.shape[0]))
+        controls = [(net, nchw(image).to(self.dtype), scale, keep) for net, image, scale, keep in controls]
+        for i, t in enumerate(timesteps):
             cond = text if i <= merge_step else augmented
-            added = None
+            added = cond_added = None
             if self.sdxl:
                 pooled = text_pooled if i <= merge_step else facial_pooled
-                added = dict(text_embeds=torch.cat([null_pooled, pooled]), time_ids=time_ids)
-            x_in = self.scheduler.scale_model_input(torch.cat([x, x]), t).to(self.dtype)
-            eps = self.unet(x_in, t, encoder_hidden_states=torch.cat([null, cond]),
-                            added_cond_kwargs=added).sample.float()
+                added = dict(text_embeds=torch.cat([null_pooled, pooled]), time_ids=time_ids.repeat(2, 1))
+                cond_added = dict(text_embeds=pooled, time_ids=time_ids)
+            x_in = self.scheduler.scale_model_input(x, t)
+            residuals = self._controls(controls, x_in, t, cond, cond_added, i)
+            x_in = torch.cat([x_in, x_in]).to(self.dtype)
+            if nine:
+                x_in = torch.cat([x_in, torch.cat([small] * 2).to(self.dtype), masked], dim=1)
+            eps = self.unet(x_in, t, encoder_hidden_states=torch.cat([null, cond]), added_cond_kwargs=added,
+                            **residuals).sample.float()
             eu, ec = eps.chunk(2)
             x = self.scheduler.step(eu + guidance * (ec - eu), t, x).prev_sample
-            print(f"\rstep {i + 1}/{steps}", end="", file=sys.stderr, flush=True)
+            if inpaint is not None and not nine:
+                proper = image_latents
+                if i < len(timesteps) - 1:
+                    proper = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+                x = (1 - small) * proper + small * x
+            print(f"\rstep {i + 1}/{len(timesteps)}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         vae = self.vae
         if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
@@ -366,7 +417,29 @@ def parse_args(argv=None):
     p.add_argument("--parsing", help="a 19-class parsing map (PNG) of the photo, used instead of a parser")
     p.add_argument("--insightface_models")
     p.add_argument("--out", default="consistentid_torch.png")
+    from cid_jax import generate as gen
+
+    gen.add_edit_flags(p)  # --mask/--init_image/--strength/--controlnet ... as `python -m cid_jax.generate`
     return p.parse_args(argv)
+
+
+def load_controlnets(folders, unet_config_file, device, dtype) -> list:
+    """diffusers' ControlNetModel from each folder (local or remote), checked to fit the base's UNet
+    as cid_jax.generate checks it."""
+    import diffusers
+
+    from cid_jax import paths
+    from cid_jax.models.controlnet import ControlNetConfig
+    from cid_jax.models.unet import UNetConfig
+    from cid_jax.weights.controlnet import check_fits
+
+    nets = []
+    for folder in folders:
+        local = paths.local_copy(folder)
+        check_fits(ControlNetConfig.from_json(local / "config.json"), UNetConfig.from_json(unet_config_file),
+                   f"--controlnet={folder}")
+        nets.append(diffusers.ControlNetModel.from_pretrained(local, torch_dtype=dtype).to(device).eval())
+    return nets
 
 
 def main(argv=None) -> int:
@@ -386,6 +459,9 @@ def _main(argv) -> int:
 
     cli.setup_logging()
     args = parse_args(argv)
+    problems = gen.edit_problems(args)
+    if problems:
+        raise cli.InputError("; ".join(problems))
     from cid_jax import paths
 
     base = paths.local_copy(args.base)  # a gs:// folder is copied once into the local cache
@@ -416,8 +492,18 @@ def _main(argv) -> int:
         inputs["time_ids"] = sdxl_time_ids(1, height, width)
     guidance = args.guidance if args.guidance is not None else defaults.guidance
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    noise = pl.initial_noise([args.seed], (height // f, width // f, model.unet.config.in_channels))
-    images = model(inputs, noise, args.steps, args.merge_step, guidance)
+    noise = pl.initial_noise([args.seed], (height // f, width // f, model.vae.config.latent_channels))
+    inpaint, control_images = gen.edit_arrays(args, image, height, width)
+    if inpaint is None and model.unet.config.in_channels == 9:
+        raise cli.InputError("this UNet is an inpainting one (9 input channels): give --mask (and --init_image)")
+    nets = load_controlnets(args.controlnet, base / "unet" / "config.json", args.device, dtype)
+    start = pl.first_step(args.steps, args.strength)
+    scales = args.controlnet_scale or [0.5] * len(nets)
+    keep = pl.control_keep(args.steps - start, args.control_guidance_start, args.control_guidance_end)
+    controls = [(net, image_[None], scale, keep) for net, image_, scale in zip(nets, control_images, scales)]
+    images = model(inputs, noise, args.steps, args.merge_step, guidance,
+                   inpaint=None if inpaint is None else tuple(a[None] for a in inpaint), strength=args.strength,
+                   controls=controls)
     from PIL import Image
 
     Image.fromarray(pl.to_uint8(images)[0]).save(args.out)
