@@ -108,6 +108,53 @@ def perturb_torch(module, seed: int, scale: float = 0.02):
     return module.eval()
 
 
+def write_tiny_sd15(root: pathlib.Path, unet_in_channels: int = 4, seed: int = 0) -> dict:
+    """The tiny-sd15 preset's models in diffusers/transformers' own on-disk format, every weight
+    perturbed: root/base/{unet,vae,text_encoder} and root/clip. Returns the torch modules (eval)."""
+    import diffusers
+    import torch
+    import transformers
+
+    from cid_jax.models import presets
+
+    tiny = presets.get("tiny-sd15")
+    torch.manual_seed(seed)
+    modules = dict(
+        unet=perturb_torch(diffusers.UNet2DConditionModel(**dict(tiny["unet"], in_channels=unet_in_channels)), seed),
+        vae=perturb_torch(diffusers.AutoencoderKL(**tiny["vae"]), seed + 1),
+        text=perturb_torch(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny["text"][0])), seed + 2),
+        vision=perturb_torch(transformers.CLIPVisionModelWithProjection(
+            transformers.CLIPVisionConfig(**tiny["vision"])), seed + 3))
+    for name, sub in (("unet", "base/unet"), ("vae", "base/vae"), ("text", "base/text_encoder"), ("vision", "clip")):
+        modules[name].save_pretrained(root / sub)
+    return modules
+
+
+def write_tiny_controlnet(where: pathlib.Path, seed: int):
+    """A random ControlNet for the tiny-sd15 UNet (its conditioning embedding down to the VAE's
+    factor 8), every weight perturbed, saved in diffusers' format. Returns the torch module."""
+    import diffusers
+
+    from cid_jax.models import presets
+
+    plain = diffusers.UNet2DConditionModel(**presets.get("tiny-sd15")["unet"])
+    net = diffusers.ControlNetModel.from_unet(plain, conditioning_embedding_out_channels=(8, 16, 16, 16))
+    net = perturb_torch(net, seed, 0.1)
+    net.save_pretrained(where)
+    return net
+
+
+def load_local_model(root: pathlib.Path, config=None):
+    """(model, frozen) of our build from the folders `write_tiny_sd15` wrote, through our loaders."""
+    from cid_jax import build
+
+    config = config or inference_demo_config()
+    config.model.preset = ""
+    config.model.base, config.model.image_encoder = str(root / "base"), str(root / "clip")
+    model = build.build_modules(config)
+    return model, build.load_frozen(model, config)
+
+
 # --------------------------------------------------------------------------------- tokenizer
 
 

@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 from cid_jax import generate as gen  # noqa: E402
 from cid_jax import inference  # noqa: E402
 from cid_jax import sampling as pl  # noqa: E402
-from tests.helpers import (abstract_trainable, export_trainable, inference_demo_config, perturb_torch,  # noqa: E402
-                           random_params)
+from tests.helpers import (abstract_trainable, export_trainable, inference_demo_config, load_local_model,  # noqa: E402
+                           perturb_torch, random_params, write_tiny_controlnet, write_tiny_sd15)
 from tests.torch_reference import consistentid as ref  # noqa: E402
 from tests.torch_reference import pipeline as ref_pipeline  # noqa: E402
 
@@ -27,26 +27,15 @@ setup_paths = {}
 
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory):
-    from cid_jax import build as build_lib
     from cid_jax.models import presets
     from cid_jax.weights.state_dict import read_state_dict
 
     tiny = presets.get("tiny-sd15")
     root = tmp_path_factory.mktemp("parity")
-    torch.manual_seed(0)
-    unet = perturb_torch(diffusers.UNet2DConditionModel(**tiny["unet"]), 0)
-    vae = perturb_torch(diffusers.AutoencoderKL(**tiny["vae"]), 1)
-    text = perturb_torch(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny["text"][0])), 2)
-    vision = perturb_torch(transformers.CLIPVisionModelWithProjection(
-        transformers.CLIPVisionConfig(**tiny["vision"])), 3)
-    for m, sub in ((unet, "base/unet"), (vae, "base/vae"), (text, "base/text_encoder"), (vision, "clip")):
-        m.save_pretrained(root / sub)
-
+    written = write_tiny_sd15(root)
+    unet, vae, text, vision = (written[k] for k in ("unet", "vae", "text", "vision"))
     config = inference_demo_config()
-    config.model.preset = ""
-    config.model.base, config.model.image_encoder = str(root / "base"), str(root / "clip")
-    model = build_lib.build_modules(config)
-    frozen = build_lib.load_frozen(model, config)
+    model, frozen = load_local_model(root, config)
     trainable = random_params(abstract_trainable(model), seed=2)
     ckpt = root / "consistentid.safetensors"
     export_trainable(trainable, config, ckpt)
@@ -151,17 +140,23 @@ def test_sampling_matches_pytorch(setup, jax_sampling, torch_sets, sampler, merg
     assert jax_sampling.run._cache_size() <= 2  # one compilation per sampler, whatever the merge step
 
 
-def test_run_pytorch_script_matches_jax(setup, jax_sampling):
-    """convert/run_pytorch.py (its own PyTorch modules, loading our exported file and the saved
-    diffusers/transformers folders) == our pipeline (Euler, merge step 1, the same inputs and noise)."""
+def _run_pytorch_module():
+    """convert/run_pytorch.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
-    _, _, _, _, inputs, noise = setup
-    root = setup_paths["root"]
     spec = importlib.util.spec_from_file_location(
         "run_pytorch", pathlib.Path(__file__).resolve().parent.parent / "convert" / "run_pytorch.py")
     rp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rp)
+    return rp
+
+
+def test_run_pytorch_script_matches_jax(setup, jax_sampling):
+    """convert/run_pytorch.py (its own PyTorch modules, loading our exported file and the saved
+    diffusers/transformers folders) == our pipeline (Euler, merge step 1, the same inputs and noise)."""
+    _, _, _, _, inputs, noise = setup
+    root = setup_paths["root"]
+    rp = _run_pytorch_module()
     runner = rp.ConsistentIDTorch(root / "consistentid.safetensors", root / "base", root / "clip",
                                   sampler="euler", facial_encoder_heads=inference_demo_config().model.facial_encoder.heads)
     got = runner(inputs, noise, STEPS, 1, 5.0)
@@ -175,8 +170,6 @@ def test_both_command_lines_keep_right_side_parts(setup, tmp_path, capsys, caplo
     left eye, left ear and upper lip are missing (hair over the face, a closed mouth): both compose
     the facial prompt with all five words, as the reference keeps Right_Eye, Right_Ear and
     Lower_Lip, and both write the same image."""
-    import importlib.util
-
     import skimage.data
     from PIL import Image
 
@@ -197,10 +190,7 @@ def test_both_command_lines_keep_right_side_parts(setup, tmp_path, capsys, caplo
     with caplog.at_level("INFO", logger="cid_jax"):  # the line comes from cid_jax.inference
         assert gen.main(common + ["--dtype=float32", f"--out={tmp_path / 'jax.png'}"]) == 0
     ours_prompt = [r.getMessage() for r in caplog.records if r.getMessage().startswith("facial prompt:")]
-    spec = importlib.util.spec_from_file_location("run_pytorch", pathlib.Path(__file__).resolve().parent.parent
-                                                  / "convert" / "run_pytorch.py")
-    rp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rp)
+    rp = _run_pytorch_module()
     heads = inference_demo_config().model.facial_encoder.heads
     assert rp.main(common + [f"--facial_encoder_heads={heads}", f"--out={tmp_path / 'torch.png'}"]) == 0
     theirs_prompt = [line for line in capsys.readouterr().err.splitlines() if line.startswith("facial prompt:")]
@@ -303,6 +293,10 @@ def test_inpainting_with_a_nine_channel_unet_matches_the_reference_loop(setup, t
     want = ref_pipeline.inpaint(unet9.eval(), tm["vae"], diffusers.EulerDiscreteScheduler.from_config(
         SD15_SCHEDULER_CONFIG), torch_sets, noise, image, mask, STEPS, 1.0, 1, 5.0)
     _compare_runs(_jax_inpaint(model, frozen, trainable, sets, noise, image, mask, "euler", 1.0, 1), want)
+    runner = _run_pytorch_module().ConsistentIDTorch(root / "consistentid.safetensors", tmp_path / "base",
+                                                     root / "clip", facial_encoder_heads=config.model.facial_encoder.heads)
+    err = np.abs(runner(inputs, noise, STEPS, 1, 5.0, inpaint=(image, mask)) - want[0]).max()
+    assert err < 2e-3, f"convert/run_pytorch.py: image max err {err}"
     with pytest.raises(Exception, match="inpainting one"):
         pl.sample(model, frozen, trainable, pl.EmbeddingSets(*sets), noise, pl.scheduler_state("euler", STEPS),
                   1, 5.0)
@@ -334,7 +328,6 @@ def test_controlnets_with_inpainting_match_the_reference_loop(setup, jax_sets, t
     """The reference's ControlNet + inpainting pipeline: an inpainting ControlNet (masked pixels at
     -1) for the whole run and a second one on an edge picture for the middle of it, both through
     our ControlNet loader, with a 4-channel UNet at strength 0.75."""
-    from cid_jax.models import presets
     from cid_jax.weights.controlnet import load_controlnet
 
     model, frozen, trainable, tm, _, noise = setup
@@ -345,11 +338,7 @@ def test_controlnets_with_inpainting_match_the_reference_loop(setup, jax_sets, t
     settings = [(0.8, 0.0, 1.0), (0.5, 0.25, 0.75)]
     torch_nets, controls = [], []
     for k, (control_image, (scale, begin, end)) in enumerate(zip(control_images, settings)):
-        plain = diffusers.UNet2DConditionModel(**presets.get("tiny-sd15")["unet"])  # ours carries ConsistentID processors
-        levels = int(np.log2(model.vae.config.downscale)) + 1  # the control image enters at the VAE's factor
-        net = diffusers.ControlNetModel.from_unet(plain, conditioning_embedding_out_channels=(8, 16, 16, 16)[:levels])
-        net = perturb_torch(net, 10 + k, 0.1)
-        net.save_pretrained(tmp_path / f"controlnet{k}")
+        net = write_tiny_controlnet(tmp_path / f"controlnet{k}", 10 + k)
         module, params = load_controlnet(tmp_path / f"controlnet{k}")
         torch_nets.append((net, control_image, scale, begin, end))
         start = pl.first_step(STEPS, 0.75)
@@ -362,3 +351,36 @@ def test_controlnets_with_inpainting_match_the_reference_loop(setup, jax_sets, t
     _compare_runs(ours, want)
     without = _jax_inpaint(model, frozen, trainable, jax_sets, noise, image, mask, "ddim", 0.75, 1)
     assert np.abs(ours[1] - without[1]).max() > 1e-3  # the ControlNets steer
+
+
+def test_both_command_lines_inpaint_with_two_controlnets_alike(setup, tmp_path):
+    """`generate` and `convert/run_pytorch.py` with the same inpainting and ControlNet flags (an
+    inpainting ControlNet and a canny one for the middle of the run, DDIM, strength 0.75) write the
+    same image, and one without the ControlNets differs."""
+    import skimage.data
+    from PIL import Image
+
+    root = setup_paths["root"]
+    photo = skimage.data.astronaut()
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[30:230, 140:330] = 255
+    Image.fromarray(photo).save(tmp_path / "face.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for k in range(2):
+        write_tiny_controlnet(tmp_path / f"controlnet{k}", 30 + k)
+    common = [f"--checkpoint={root / 'consistentid.safetensors'}", f"--base={root / 'base'}",
+              f"--image_encoder={root / 'clip'}", f"--image={tmp_path / 'face.png'}", "--prompt=a portrait",
+              "--steps=4", "--merge_step=1", "--height=64", "--width=64", "--seed=5", "--sampler=ddim",
+              f"--mask={tmp_path / 'mask.png'}", "--strength=0.75"]
+    controls = [f"--controlnet={tmp_path / 'controlnet0'}", "--control_image=inpaint", "--controlnet_scale=0.8",
+                f"--controlnet={tmp_path / 'controlnet1'}", "--control_image=canny", "--controlnet_scale=0.5",
+                "--control_guidance_start=0.25"]
+    assert gen.main(common + controls + ["--dtype=float32", f"--out={tmp_path / 'jax.png'}"]) == 0
+    assert gen.main(common + ["--dtype=float32", f"--out={tmp_path / 'plain.png'}"]) == 0
+    heads = inference_demo_config().model.facial_encoder.heads
+    assert _run_pytorch_module().main(common + controls + [f"--facial_encoder_heads={heads}",
+                                                           f"--out={tmp_path / 'torch.png'}"]) == 0
+    ours, theirs, plain = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int)
+                           for n in ("jax", "torch", "plain"))
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - plain).max() > 8
