@@ -8,9 +8,17 @@ The model flags are generate's. The model is loaded and the sampler compiled onc
 the page shows what the pipeline saw: the face box, the five facial region masks over the photo,
 and the facial prompt it composed. A photo without a face shows the error in the page.
 
+Two folded panels edit a picture as the reference's inpainting / ControlNet demos do: "Repaint a
+picture" takes a picture and a painted mask (white strokes = repaint; the face photo still gives the
+identity) and a strength; "ControlNets" lists each `--controlnet=DIR` given at start with its control
+(off, canny edges of the picture, the inpainting ControlNet's masked picture, or an uploaded
+picture) and its scale. Each new combination compiles once, as a new shape does.
+
 Serves on the local machine only (no public share link). The first request with a new step count
 or image count compiles that shape once (then the persistent cache keeps it for later runs).
-Programmatic use: `gradio_client.Client(url).predict(photo, prompt, ..., api_name="/generate")`.
+Programmatic use: `gradio_client.Client(url).predict(photo, prompt, ..., api_name="/generate")`; the
+inputs after the image count (the edit picture with its mask layers, the strength, then mode, picture
+and scale per ControlNet) may be left out.
 """
 from __future__ import annotations
 
@@ -38,7 +46,34 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--steps", type=int, default=30, help="the steps slider's start value")
+    p.add_argument("--controlnet", action="append", default=[],
+                   help="a diffusers ControlNet folder the page offers (repeat for several)")
     return p.parse_args(argv)
+
+
+# How a ControlNet's control image is made (the page's choice per ControlNet).
+CONTROL_MODES = ("off", "canny", "inpaint", "picture")
+
+
+def picture_and_mask(value) -> Optional[tuple]:
+    """An ImageMask value -> (picture uint8 [H, W, 3], mask bool [H, W]: where strokes were painted),
+    or None when no picture was given."""
+    from PIL import Image
+
+    if not value or value.get("background") is None:
+        return None
+    picture = np.asarray(value["background"])
+    picture = (np.repeat(picture[..., None], 3, -1) if picture.ndim == 2 else picture[..., :3]).astype(np.uint8)
+    painted = np.zeros(picture.shape[:2], bool)
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        layer = np.asarray(layer)
+        strokes = layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[-1] == 4 else np.asarray(layer).max(-1) > 0
+        if strokes.shape != painted.shape:  # a canvas of another size: its strokes scaled onto the picture
+            strokes = np.asarray(Image.fromarray(strokes).resize(painted.shape[::-1], Image.NEAREST))
+        painted |= strokes
+    return picture, painted
 
 
 def overlay(image: np.ndarray, label_map: np.ndarray, box) -> np.ndarray:
@@ -85,6 +120,8 @@ class Demo:
         self.guidance = pl.VARIANT_DEFAULTS[self.variant].guidance
         self.programs: dict = {}
         self.generator = pl.Generator(self.loaded.model)
+        self.controlnets = inference.load_controlnets(args.controlnet, self.loaded)
+        self.controlnet_names = [str(folder).rstrip("/").rsplit("/", 1)[-1] for folder in args.controlnet]
         log.info("loaded in %.1f s", time.perf_counter() - t0)
 
     def warm_up(self, steps: int) -> None:
@@ -111,12 +148,24 @@ class Demo:
         return label_map, self.analyzer.id_embedding(image), box
 
     def run(self, image, prompt: str, negative_prompt: str, steps: int, guidance: float, merge_step: int,
-            ip_scale: float, seed: int, num_images: int, label_map=None):
-        """(images, overlay, facial prompt, timing line)."""
+            ip_scale: float, seed: int, num_images: int, label_map=None, edit: Optional[tuple] = None,
+            strength: float = 1.0, controls: Sequence[tuple] = ()):
+        """(images, overlay, facial prompt, timing line). `edit`: (picture, mask) to repaint;
+        `controls`: (mode, picture, scale) per loaded ControlNet."""
+        from cid_jax import generate as gen
         from cid_jax import inference
         from cid_jax import sampling as pl
 
         image = np.asarray(image)[..., :3].astype(np.uint8)
+        init, mask = edit if edit is not None else (image, None)
+        active = [(net, mode, picture, float(scale)) for net, (mode, picture, scale) in zip(self.controlnets, controls)
+                  if mode != "off"]
+        sources = [np.asarray(picture)[..., :3].astype(np.uint8) if mode == "picture" else mode
+                   for _, mode, picture, _ in active]
+        inpaint, control_images = gen.edit_inputs(init, mask, sources, self.height, self.width,
+                                                  mask_name="the painted mask")
+        control_requests = [inference.ControlRequest(module, params, control, scale)
+                            for ((module, params), _, _, scale), control in zip(active, control_images)]
         label_map, embedding, box = self.analyse(image, label_map)
         face = pl.face_batch(image, label_map, embedding)
         num_images = int(max(1, min(MAX_IMAGES, num_images)))
@@ -126,30 +175,54 @@ class Demo:
             self.loaded, requests, negative_prompt=negative_prompt, steps=int(steps), guidance=float(guidance),
             merge_step=int(merge_step), sampler=self.args.sampler, height=self.height, width=self.width,
             caption=self.args.caption, batch_size=num_images, programs=self.programs, generator=self.generator,
-            ip_scale=float(ip_scale))
+            ip_scale=float(ip_scale), inpaint=inpaint, strength=float(strength), controls=control_requests)
         text = pl.text_batch(prompt, negative_prompt, self.loaded.tokenizer, face.part_names, self.args.caption,
                              self.loaded.metadata.get("pairing", "reference"), self.variant, self.loaded.tokenizer_2)
         took = (f"{len(images)} image(s) in {time.perf_counter() - t0:.1f} s ({timing.s_per_image:.2f} s/image"
                 + (f"; compiled this shape in {timing.compile_s:.1f} s" if timing.compile_s else "") + ")")
         return list(images), overlay(image, label_map, box), text.prompt_face, took
 
-    def handle(self, image, prompt, negative_prompt, steps, guidance, merge_step, ip_scale, seed, num_images):
-        """The page's handler: user errors (no face, no photo) become messages in the page."""
+    def handle(self, image, prompt, negative_prompt, steps, guidance, merge_step, ip_scale, seed, num_images,
+               edit=None, strength=1.0, *controls):
+        """The page's handler: user errors (no face, no photo) become messages in the page.
+        `controls`: mode, picture, scale for each ControlNet, flat, as the page lists them."""
         import gradio as gr
 
         if image is None:
             raise gr.Error("Upload a photo with a face first.")
         if not str(prompt or "").strip():
             raise gr.Error("Write a prompt.")
+        controls = [tuple(controls[k:k + 3]) for k in range(0, len(controls), 3)]
+        controls += [("off", None, 0.5)] * (len(self.controlnets) - len(controls))
         problems = request_problems(steps=steps, guidance=guidance, merge_step=merge_step, ip_scale=ip_scale,
-                                    seed=seed, num_images=num_images)
+                                    seed=seed, num_images=num_images, strength=strength)
+        problems += edit_problems(self.controlnet_names, edit, controls)
         if problems:
             raise gr.Error("; ".join(problems))
         try:
             return self.run(image, prompt, negative_prompt or "", steps, guidance, merge_step, ip_scale, seed,
-                            num_images)
+                            num_images, edit=picture_and_mask(edit), strength=strength, controls=controls)
         except cli.UserError as e:
             raise gr.Error(str(e)) from None
+
+
+def edit_problems(names: Sequence[str], edit, controls: Sequence[tuple]) -> list[str]:
+    """What is wrong with a request's inpainting / ControlNet inputs, one phrase each."""
+    problems = []
+    repaint = picture_and_mask(edit)
+    if repaint is not None and not repaint[1].any():
+        problems.append("the picture to repaint has nothing painted over it: paint what should change, or remove it")
+    for name, (mode, picture, scale) in zip(names, controls):
+        if mode not in CONTROL_MODES:
+            problems.append(f"ControlNet {name}: control {mode!r} is not one of {', '.join(CONTROL_MODES)}")
+        elif mode == "inpaint" and repaint is None:
+            problems.append(f"ControlNet {name}: 'inpaint' needs a picture to repaint with a painted mask")
+        elif mode == "picture" and picture is None:
+            problems.append(f"ControlNet {name}: upload its control picture (or pick another control)")
+        problems += [f"ControlNet {name}: {p}" for p in request_problems(controlnet_scale=scale)]
+    if len(controls) > len(names):
+        problems.append(f"{len(controls)} ControlNet inputs but the app serves {len(names)} ControlNet(s)")
+    return problems
 
 
 # What each numeric input of the page (and of its HTTP API, where any JSON value can arrive) may be:
@@ -157,6 +230,7 @@ class Demo:
 REQUEST_RANGES = {
     "steps": (1, 1000, True), "guidance": (0.0, 50.0, False), "merge_step": (0, 1000, True),
     "ip_scale": (0.0, 10.0, False), "seed": (0, 2**32 - 1, True), "num_images": (1, MAX_IMAGES, True),
+    "strength": (0.01, 1.0, False), "controlnet_scale": (0.0, 10.0, False),
 }
 
 
@@ -191,6 +265,27 @@ def check_port_free(host: str, port: int) -> None:
             raise cli.InputError(f"--port={port} on {host} cannot be used ({e.strerror}); pick a free --port") from None
 
 
+def api_handler(demo: Demo):
+    """`demo.handle` with one named parameter per page input: gradio names the HTTP API's parameters
+    after them, and lets a client leave out those with a default (the edit and ControlNet inputs)."""
+    import inspect
+
+    def handle(*values):
+        return demo.handle(*values)
+
+    def param(name, *default):
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                 **({"default": default[0]} if default else {}))
+
+    names = ("image", "prompt", "negative_prompt", "steps", "guidance", "merge_step", "ip_scale", "seed", "num_images")
+    params = [param(n) for n in names] + [param("edit", None), param("strength", 1.0)]
+    for k in range(len(demo.controlnets)):
+        params += [param(f"control_mode_{k}", "off"), param(f"control_picture_{k}", None),
+                   param(f"control_scale_{k}", 0.5)]
+    handle.__signature__ = inspect.Signature(params)
+    return handle
+
+
 def build_ui(demo: Demo, steps: int):
     import gradio as gr
 
@@ -210,14 +305,28 @@ def build_ui(demo: Demo, steps: int):
                 with gr.Row():
                     seed = gr.Number(value=2024, precision=0, label="seed")
                     count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="images")
+                with gr.Accordion("Repaint a picture (inpainting)", open=False):
+                    edit = gr.ImageMask(label="picture to repaint: paint over what should change", type="numpy",
+                                        elem_id="repaint", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                    strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="strength (1: from pure noise)")
+                controls = []
+                if demo.controlnet_names:
+                    with gr.Accordion("ControlNets", open=False):
+                        for k, name in enumerate(demo.controlnet_names):
+                            with gr.Row():
+                                controls.append(gr.Dropdown(list(CONTROL_MODES), value="off", label=f"{name}: control",
+                                                            elem_id=f"control_mode_{k}"))
+                                controls.append(gr.Image(label=f"{name}: control picture ('picture')", type="numpy",
+                                                         elem_id=f"control_picture_{k}"))
+                                controls.append(gr.Slider(0.0, 2.0, value=0.5, step=0.05, label=f"{name}: scale"))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="images", elem_id="gallery", columns=2)
                 seen = gr.Image(label="what the pipeline saw: face box and regions", elem_id="seen")
                 facial = gr.Textbox(label="facial prompt", elem_id="facial_prompt")
                 took = gr.Markdown(elem_id="timing")
-        button.click(demo.handle, [photo, prompt, negative, steps_in, guidance, merge, ip_scale, seed, count],
-                     [gallery, seen, facial, took], api_name="generate")
+        button.click(api_handler(demo), [photo, prompt, negative, steps_in, guidance, merge, ip_scale, seed, count, edit,
+                                   strength] + controls, [gallery, seen, facial, took], api_name="generate")
     ui.queue(default_concurrency_limit=1)
     return ui
 

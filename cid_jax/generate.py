@@ -238,25 +238,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def edit_arrays(args, image: np.ndarray, height: int, width: int) -> tuple:
-    """The host arrays the edit flags ask for: (init image, mask) at the output size or None, and
-    each --control_image ('canny' and 'inpaint' made from the init image) as the ControlNets read it."""
+    """The host arrays the edit flags ask for (`edit_inputs` on the pictures the flags name)."""
+    init = inference.read_image(args.init_image) if args.init_image else image
+    mask = None
+    if args.mask:
+        mask = inference.read_image(args.mask)
+    sources = [p if p in ("canny", "inpaint") else inference.read_image(p) for p in args.control_image]
+    return edit_inputs(init, mask, sources, height, width, mask_name=f"--mask={args.mask}")
+
+
+def edit_inputs(init: np.ndarray, mask: Optional[np.ndarray], control_sources: Sequence, height: int,
+                width: int, mask_name: str = "the mask") -> tuple:
+    """(init image, mask) at the output size (None without a mask) and each control image as the
+    ControlNets read it; a control source is a picture, 'canny' (OpenCV's edges of the init image)
+    or 'inpaint' (the init image with the masked pixels at -1)."""
     from cid_jax import sampling as pl
 
-    init = inference.read_image(args.init_image) if args.init_image else image
     inpaint = None
-    if args.mask:
+    if mask is not None:
         try:
-            inpaint = pl.inpainting_arrays(init, inference.read_image(args.mask), height, width)
+            inpaint = pl.inpainting_arrays(init, mask, height, width)
         except cli.UserError as e:
-            raise type(e)(f"--mask={args.mask}: {e}") from None
+            raise type(e)(f"{mask_name}: {e}") from None
     control_images = []
-    for picture in args.control_image:
-        if picture == "inpaint":
+    for source in control_sources:
+        if isinstance(source, str) and source == "inpaint":
+            if inpaint is None:
+                raise cli.InputError("an 'inpaint' control image is made from the init image and a mask: give a mask")
             control_images.append(pl.inpaint_control(*inpaint))
-        elif picture == "canny":
+        elif isinstance(source, str) and source == "canny":
             control_images.append(pl.control_arrays(pl.canny_control(init), height, width))
         else:
-            control_images.append(pl.control_arrays(inference.read_image(picture), height, width))
+            control_images.append(pl.control_arrays(np.asarray(source), height, width))
     return inpaint, control_images
 
 

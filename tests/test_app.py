@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.helpers import REPO
@@ -36,12 +37,19 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(demo_workdir, tmp_path_factory):
-    """The app on a free localhost port; yields its URL once it serves."""
+    """The app on a free localhost port, offering a (tiny, random) ControlNet; yields its URL once it
+    serves."""
+    pytest.importorskip("diffusers")
+    from tests.helpers import write_tiny_controlnet
+
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    root = tmp_path_factory.mktemp("app")
+    write_tiny_controlnet(root / "tiny-canny", seed=3)
+    log_path = root / "app.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "cid_jax.app", f"--checkpoint={demo_workdir[0]}", "--steps=2",
-                             f"--port={port}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                             f"--port={port}", f"--controlnet={root / 'tiny-canny'}"], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT,
                             env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 600
@@ -96,6 +104,39 @@ def test_gradio_client_predict_returns_images(server, photos):
     with pytest.raises(Exception, match="seed=1000000000000000000000000000000 must be between"):
         client.predict(handle_file(str(photos / "astronaut.png")), "a portrait", "", 2, 5.0, 0, 1.0, 10**30, 1,
                        api_name="/generate")
+
+
+def test_gradio_client_repaints_with_a_controlnet(server, photos, tmp_path):
+    """The edit panels through the HTTP API: the astronaut repainted under a painted box with the
+    ControlNet on canny edges differs from the plain image of the same seed.
+    A picture with nothing painted, or an 'inpaint' control without a mask, is a message."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    strokes = np.zeros((512, 512, 4), np.uint8)
+    strokes[30:230, 140:330] = 255
+    Image.fromarray(strokes).save(tmp_path / "strokes.png")
+    nothing = tmp_path / "nothing.png"
+    Image.fromarray(np.zeros((512, 512, 4), np.uint8)).save(nothing)
+    photo = handle_file(str(photos / "astronaut.png"))
+
+    def edit(layer):
+        return dict(background=handle_file(str(photos / "astronaut.png")), layers=[handle_file(str(layer))],
+                    composite=None)
+
+    args = (photo, "a portrait", "", 2, 5.0, 0, 1.0, 7, 1)
+    gallery, *_ = client.predict(*args, edit(tmp_path / "strokes.png"), 1.0, "canny", None, 0.8,
+                                 api_name="/generate")
+    repainted = np.asarray(Image.open(gallery[0]["image"]).convert("RGB")).astype(int)
+    gallery, *_ = client.predict(*args, api_name="/generate")
+    before = np.asarray(Image.open(gallery[0]["image"]).convert("RGB")).astype(int)
+    assert repainted.shape == before.shape == (64, 64, 3) and np.abs(repainted - before).max() > 8
+    with pytest.raises(Exception, match="nothing painted"):
+        client.predict(*args, edit(nothing), 1.0, "off", None, 0.5, api_name="/generate")
+    with pytest.raises(Exception, match="'inpaint' needs a picture to repaint"):
+        client.predict(*args, None, 1.0, "inpaint", None, 0.5, api_name="/generate")
 
 
 def test_a_port_in_use_is_one_line_before_loading(demo_workdir, capsys):
