@@ -26,6 +26,11 @@ bf16/fp16 both sides hold their weights in that dtype (PyTorch: `.to(dtype)`; ou
 trees cast once, `--keep-fp32-params` to skip). The max abs difference between the two final
 images is printed as a check that the computation is the same (fp32: ~1e-3 or less).
 
+Cases (`--cases`): `text` text-to-image; `inpaint` the reference's inpainting pipeline (the astronaut
+repainted under a box, a 4-channel UNet blended each step, strength 1, as its demo); `controlnet`
+inpainting steered by one random ControlNet on canny edges at scale 0.5 (the reference's ControlNet +
+inpainting demo). PyTorch runs diffusers' ControlNetModel in `run_pytorch.py`'s loop.
+
 Presets (architectures from cid_jax.models.presets, as diffusers/transformers config fields):
   tiny  tiny-sd15, the demo's tiny models (configs/demo.py), 64 px, 10 steps
   mid   mid-sd15: SD1.5's layout at 1/5 width (UNet 64-128-256-256, 2 layers/block, 8 heads of
@@ -214,8 +219,10 @@ def dry_run(name: str) -> str:
 # -------------------------------------------------------------------------------------- runs
 
 
-def host_inputs(loaded, batch: int, size: int, steps: int, sampler: str):
-    """The shared host-side inputs: astronaut photo, template parse, random unit ID embedding."""
+def host_inputs(loaded, batch: int, size: int, steps: int, sampler: str, case: str = "text"):
+    """The shared host-side inputs: astronaut photo, template parse, random unit ID embedding; for
+    the edit cases also the astronaut as the init image with a box over her face to repaint, and
+    (controlnet) its canny edges."""
     import numpy as np
     import skimage.data
 
@@ -230,15 +237,36 @@ def host_inputs(loaded, batch: int, size: int, steps: int, sampler: str):
                          loaded.tokenizer, face.part_names, DEFAULT_CAPTION_SD15, "reference")
     inputs = pl.model_inputs([face] * batch, [text] * batch)
     noise = pl.initial_noise(range(batch), pl.latent_shape(loaded.model, size, size))
-    return inputs, noise, pl.scheduler_state(sampler, steps, loaded.noise_config)
+    edit = {}
+    if case != "text":
+        mask = np.zeros(photo.shape[:2], np.uint8)
+        mask[30:230, 140:330] = 255
+        image, small_mask = pl.inpainting_arrays(photo, mask, size, size)
+        edit = dict(init_image=np.repeat(image[None], batch, 0), inpaint_mask=np.repeat(small_mask[None], batch, 0))
+    if case == "controlnet":
+        edit.update(control_image_0=np.repeat(pl.control_arrays(pl.canny_control(photo), size, size)[None], batch, 0),
+                    control_scale_0=np.float32(0.5), control_keep_0=pl.control_keep(steps))
+    return inputs, edit, noise, pl.scheduler_state(sampler, steps, loaded.noise_config)
+
+
+def write_controlnet(preset: dict, root: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A random ControlNet for the preset's UNet (diffusers' from_unet), saved as diffusers saves one."""
+    where = root / "controlnet"
+    if (where / "config.json").exists():
+        return where
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed + 1)
+    diffusers.ControlNetModel.from_unet(diffusers.UNet2DConditionModel(**preset["unet"])).save_pretrained(where)
+    return where
 
 
 def run_preset(name: str, args) -> list[dict]:
-    """One result per batch size: ours with the LoRA folded in at load (the CLI's default) and
-    unfolded, and PyTorch, alternating."""
+    """One result per case and batch size: ours with the LoRA folded in at load (the CLI's default)
+    and unfolded, and PyTorch, alternating."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import torch
 
     from cid_jax import inference
@@ -249,6 +277,7 @@ def run_preset(name: str, args) -> list[dict]:
     size = preset["size"]
     root = pathlib.Path(args.weights_dir) / name if args.weights_dir else pathlib.Path(tempfile.mkdtemp()) / name
     workdir = write_weights(preset, root)
+    controlnet_dir = write_controlnet(preset, root) if "controlnet" in args.cases else None
 
     jax_dtype = TORCH_DTYPES[args.dtype]
     cast = (lambda x: x) if args.dtype == "fp32" or args.keep_fp32_params else (
@@ -271,46 +300,82 @@ def run_preset(name: str, args) -> list[dict]:
                                   dtype=getattr(torch, TORCH_DTYPES[args.dtype]), sampler=args.sampler,
                                   facial_encoder_heads=variants["folded"][0].model.facial_encoder.heads)
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t0, out
+    controlnet = None
+    if controlnet_dir is not None:
+        import dataclasses
+
+        import diffusers
+
+        from cid_jax.weights.controlnet import load_controlnet
+
+        module, cn_params = load_controlnet(controlnet_dir, dtype=jax_dtype)
+        controlnet = (module, jax.device_put(jax.tree.map(lambda x: cast(jnp.asarray(x)), cn_params)),
+                      diffusers.ControlNetModel.from_pretrained(controlnet_dir, torch_dtype=getattr(
+                          torch, TORCH_DTYPES[args.dtype])).to(device).eval())
+        for label, (loaded, params, g) in variants.items():
+            variants[label] = (loaded, params, g, dataclasses.replace(g, controlnets=(module,)))
 
     results = []
-    for batch in args.batches:
-        inputs, noise, state = host_inputs(variants["folded"][0], batch, size, steps, args.sampler)
-
-        def ours(label):
-            _, (frozen, trainable), g = variants[label]
-            return np.asarray(g(frozen, trainable, inputs, noise, state, args.merge_step, args.guidance)[0])
-
-        def theirs():
-            with contextlib.redirect_stderr(io.StringIO()):  # its per-step progress line
-                out = runner(inputs, noise, steps, args.merge_step, args.guidance)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return out
-
-        cases = {"folded": lambda: ours("folded"), "unfolded": lambda: ours("unfolded"), "torch": theirs}
-        log(f"[{name}] batch {batch}: warm-up (ours: compilation)")
-        first = {k: timed(fn)[0] for k, fn in cases.items()}
-        per_image = {k: [] for k in cases}
-        last = {}
-        for r in range(args.runs):
-            for k, fn in cases.items():
-                dt, last[k] = timed(fn)
-                per_image[k].append(dt / batch)
-            log(f"[{name}] batch {batch} run {r + 1}/{args.runs}: " +
-                ", ".join(f"{k} {v[-1]:.3f} s/img" for k, v in per_image.items()))
-        diff = lambda a, b: float(np.abs(last[a].astype(np.float32) - last[b].astype(np.float32)).max())  # noqa: E731
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variants["unfolded"][1]))
-        results.append(dict(preset=name, size=size, steps=steps, merge=args.merge_step, batch=batch, params=n_params,
-                            t=per_image, first=first, diff_torch=diff("folded", "torch"),
-                            diff_fold=diff("folded", "unfolded"), jax_device=str(jax.devices()[0]),
-                            torch_device=device, attention=attention_note()))
+    for case in args.cases:
+        for batch in args.batches:
+            results.append(run_case(name, case, batch, args, variants, runner, controlnet, size, steps, device))
     if not args.weights_dir:
         shutil.rmtree(root.parent, ignore_errors=True)
     return results
+
+
+def timed(fn):
+    """(seconds, result) of one call."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def run_case(name, case, batch, args, variants, runner, controlnet, size, steps, device) -> dict:
+    """One case at one batch size: ours folded / unfolded and PyTorch, alternating."""
+    import jax
+    import numpy as np
+    import torch
+
+    inputs, edit, noise, state = host_inputs(variants["folded"][0], batch, size, steps, args.sampler, case)
+
+    def ours(label):
+        _, (frozen, trainable), *generators = variants[label]
+        g = generators[-1] if case == "controlnet" else generators[0]
+        if case == "controlnet":
+            frozen = dict(frozen, controlnets=[controlnet[1]])
+        return np.asarray(g(frozen, trainable, dict(inputs, **edit), noise, state, args.merge_step,
+                            args.guidance)[0])
+
+    def theirs():
+        extra = {}
+        if case != "text":
+            extra["inpaint"] = (edit["init_image"], edit["inpaint_mask"])
+        if case == "controlnet":
+            extra["controls"] = [(controlnet[2], edit["control_image_0"], 0.5, edit["control_keep_0"])]
+        with contextlib.redirect_stderr(io.StringIO()):  # its per-step progress line
+            out = runner(inputs, noise, steps, args.merge_step, args.guidance, **extra)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    cases = {"folded": lambda: ours("folded"), "unfolded": lambda: ours("unfolded"), "torch": theirs}
+    log(f"[{name}] {case}, batch {batch}: warm-up (ours: compilation)")
+    first = {k: timed(fn)[0] for k, fn in cases.items()}
+    per_image = {k: [] for k in cases}
+    last = {}
+    for r in range(args.runs):
+        for k, fn in cases.items():
+            dt, last[k] = timed(fn)
+            per_image[k].append(dt / batch)
+        log(f"[{name}] {case}, batch {batch} run {r + 1}/{args.runs}: " +
+            ", ".join(f"{k} {v[-1]:.3f} s/img" for k, v in per_image.items()))
+    diff = lambda a, b: float(np.abs(last[a].astype(np.float32) - last[b].astype(np.float32)).max())  # noqa: E731
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variants["unfolded"][1]))
+    return dict(preset=name, case=case, size=size, steps=steps, merge=args.merge_step, batch=batch,
+                params=n_params, t=per_image, first=first, diff_torch=diff("folded", "torch"),
+                diff_fold=diff("folded", "unfolded"), jax_device=str(jax.devices()[0]), torch_device=device,
+                attention=attention_note())
 
 
 def attention_note() -> str:
@@ -338,19 +403,19 @@ def report(results: list[dict], args) -> str:
              f"Setting: {args.dtype}, {args.sampler}, CFG {args.guidance}; median of {args.runs} alternating runs "
              f"after one warm-up each; ours' attention kernel: {results[0]['attention']}. Ours 'folded': each LoRA "
              "folded into its base projection at load (the CLI's default); 'unfolded': --no_fold_lora.", "",
-             "| preset | px | steps (merge) | batch | cid_jax folded s/img (img/s) | cid_jax unfolded s/img | "
+             "| preset | case | px | steps (merge) | batch | cid_jax folded s/img (img/s) | cid_jax unfolded s/img | "
              "PyTorch s/img (img/s) | folded / PyTorch | 1st call s: folded / unfolded / PyTorch | "
              "max abs diff vs PyTorch / folded vs unfolded |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = {k: statistics.median(v) for k, v in r["t"].items()}
-        lines.append(f"| {r['preset']} | {r['size']} | {r['steps']} ({r['merge']}) | {r['batch']} | "
+        lines.append(f"| {r['preset']} | {r['case']} | {r['size']} | {r['steps']} ({r['merge']}) | {r['batch']} | "
                      f"{m['folded']:.3f} ({1 / m['folded']:.2f}) | {m['unfolded']:.3f} | "
                      f"{m['torch']:.3f} ({1 / m['torch']:.2f}) | **{m['folded'] / m['torch']:.2f}x** | "
                      f"{r['first']['folded']:.1f} / {r['first']['unfolded']:.1f} / {r['first']['torch']:.2f} | "
                      f"{r['diff_torch']:.1e} / {r['diff_fold']:.1e} |")
     lines += ["", "Runs (s/img): " + "; ".join(
-        f"{r['preset']} batch {r['batch']}: " + ", ".join(f"{k} {'/'.join(f'{t:.3f}' for t in v)}"
+        f"{r['preset']} {r['case']} batch {r['batch']}: " + ", ".join(f"{k} {'/'.join(f'{t:.3f}' for t in v)}"
                                                           for k, v in r["t"].items()) for r in results), ""]
     return "\n".join(lines)
 
@@ -365,6 +430,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batches", default="1", help="comma-separated images per call (one prompt, several seeds)")
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
+    p.add_argument("--cases", default="text", help="comma-separated, of text,inpaint,controlnet (see above)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--merge-step", type=int, default=None, help="default: 30/50 of the steps (the reference's)")
     p.add_argument("--cpus", type=int, default=None,
@@ -381,6 +447,9 @@ def parse_args(argv=None):
     if args.runs < 1:
         p.error("--runs must be >= 1")
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.cases = args.cases.split(",")
+    if set(args.cases) - {"text", "inpaint", "controlnet"}:
+        p.error(f"--cases: of text, inpaint, controlnet; got {args.cases}")
     return args
 
 
