@@ -54,7 +54,8 @@ def sdxl_run(tmp_path_factory):
     (ckpt,) = export.export_run(config, trainable, run.RunDir(root), step=0, out=root / "consistentid.safetensors")
     loaded_trainable, _ = inference.load_trainable_file(ckpt, config)  # image_proj_model, SDXL layout
     tok, tok_2 = build_lib.tokenizers_for(config)  # no tokenizer folders: the packaged vocabulary, pads <|endoftext|> / "!"
-    loaded = inference.Loaded(model, frozen, loaded_trainable, {"pairing": "reference"}, tok, dict(config.noise), tok_2)
+    loaded = inference.Loaded(model, frozen, loaded_trainable, {"pairing": "reference"}, tok,
+                              inference.noise_config_for(config), tok_2)
     return root, ckpt, loaded
 
 
@@ -144,6 +145,47 @@ def test_run_pytorch_cli_on_sdxl(sdxl_run, tmp_path):
                     "--height=64", "--width=64", "--device=cpu",
                     f"--facial-encoder-heads={loaded.model.facial_encoder.heads}", f"--out={out}"]) == 0
     assert np.asarray(Image.open(out)).shape == (64, 64, 3)
+
+
+def test_sdxl_inpainting_with_a_controlnet_matches_pytorch(sdxl_run, tmp_path):
+    """The inpainting + ControlNet path on SDXL: an SDXL ControlNet (text_time added embedding: the
+    pooled embedding and time ids of the conditional half, switched at the merge step) through our
+    loader, strength 0.75 on a 4-channel UNet, against run_pytorch.py with diffusers' ControlNetModel."""
+    root, ckpt, loaded = sdxl_run
+    photo, labels, emb = _face()
+    net = diffusers.ControlNetModel.from_unet(diffusers.UNet2DConditionModel.from_pretrained(root / "base" / "unet"))
+    perturb_torch(net, 9, 0.1).save_pretrained(tmp_path / "controlnet")
+    ((module, params),) = inference.load_controlnets([str(tmp_path / "controlnet")], loaded)
+    assert module.config.unet.addition_embed_type == "text_time"
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[30:230, 140:330] = 255
+    image, small_mask = pl.inpainting_arrays(photo, mask, 64, 64)
+    control = pl.control_arrays(pl.canny_control(photo), 64, 64)
+    face = pl.face_batch(photo, labels, emb)
+    prompt, negative, seed, merge = "a woman on the moon", "blurry", 3, 1
+    ours, _ = inference.generate_requests(
+        loaded, [inference.ImageRequest(face, prompt, seed)], negative_prompt=negative, steps=STEPS, guidance=7.5,
+        merge_step=merge, sampler="euler", height=64, width=64, inpaint=(image, small_mask), strength=0.75,
+        controls=[inference.ControlRequest(module, params, control, 0.7, 0.0, 0.75)])
+
+    text = pl.text_batch(prompt, negative, loaded.tokenizer, face.part_names, None, "reference", "sdxl",
+                         loaded.tokenizer_2)
+    inputs = pl.model_inputs([face], [text])
+    inputs["time_ids"] = sdxl_time_ids(1, 64, 64)
+    noise = pl.initial_noise([seed], pl.latent_shape(loaded.model, 64, 64))
+    spec = importlib.util.spec_from_file_location("run_pytorch", REPO / "convert" / "run_pytorch.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    runner = rp.ConsistentIDTorch(ckpt, root / "base", root / "clip", sampler="euler",
+                                  facial_encoder_heads=loaded.model.facial_encoder.heads)
+    keep = pl.control_keep(STEPS - pl.first_step(STEPS, 0.75), 0.0, 0.75)
+    theirs = pl.to_uint8(runner(inputs, noise, STEPS, merge, 7.5, inpaint=(image[None], small_mask[None]),
+                                strength=0.75, controls=[(net.eval(), control[None], 0.7, keep)]))
+    plain = pl.to_uint8(runner(inputs, noise, STEPS, merge, 7.5, inpaint=(image[None], small_mask[None]),
+                               strength=0.75))
+    diff = np.abs(ours.astype(int) - theirs.astype(int))
+    assert diff.max() <= 1, f"max uint8 diff {diff.max()}"
+    assert np.abs(plain.astype(int) - theirs.astype(int)).max() > 8  # the ControlNet steers
 
 
 @pytest.fixture(scope="module")
