@@ -91,7 +91,14 @@ def add_edit_flags(p) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = cli.ArgumentParser(prog="python -m cid_jax.generate", description=__doc__)
     add_model_flags(p)
-    p.add_argument("--image", required=True, help="reference photo with one face")
+    p.add_argument("--image", action="append", required=True,
+                   help="reference photo with one face; repeat for several people in one image, each with a "
+                        "--region (or all with --layout)")
+    p.add_argument("--region", action="append", default=[],
+                   help="several people: x0,y0,x1,y1 (pixels of the output) where the person of the --image "
+                        "of the same rank goes; regions must not overlap")
+    p.add_argument("--layout", help="several people: a picture, black = nobody, one grey level per person "
+                                    "(darkest = first --image), instead of --region boxes")
     p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     p.add_argument("--prompts_file", help="a text file with one prompt per line (added to --prompt)")
     p.add_argument("--steps", type=int, default=50)
@@ -151,6 +158,27 @@ def edit_problems(args) -> list[str]:
     return problems
 
 
+def group_problems(args) -> list[str]:
+    """What is wrong with the several-people flags (--image repeated, --region, --layout)."""
+    images = getattr(args, "images", None) or (args.image if isinstance(args.image, list) else [args.image])
+    if len(images) == 1 and not args.region and not args.layout:
+        return []
+    problems = []
+    if args.region and args.layout:
+        problems.append("give the people's places as --region boxes or as one --layout picture, not both")
+    elif not args.layout and len(args.region) != len(images):
+        problems.append(f"{len(images)} --image for {len(args.region)} --region: give one region per photo, "
+                        "in the same order (or --layout)")
+    for flag in ("mask", "init_image"):
+        if getattr(args, flag):
+            problems.append(f"--{flag} with several people is not supported yet")
+    if args.controlnet:
+        problems.append("--controlnet with several people is not supported yet")
+    if args.parsing:
+        problems.append("--parsing gives one photo's parsing map: with several photos leave it out (each is parsed)")
+    return problems
+
+
 def check_args(args) -> None:
     """Flag values that cannot work, found before anything is loaded."""
     import math
@@ -165,6 +193,7 @@ def check_args(args) -> None:
     if not args.prompt and not args.prompts_file:
         problems.append("no prompt: give --prompt (repeatable) or --prompts_file")
     problems += edit_problems(args)
+    problems += group_problems(args)
     if args.guidance is not None and not math.isfinite(args.guidance):
         problems.append(f"--guidance={args.guidance}: must be a finite number (the reference uses 5; SDXL 7.5)")
     for name in ("height", "width"):
@@ -175,19 +204,21 @@ def check_args(args) -> None:
         raise cli.InputError("; ".join(problems))
 
 
-def analyse_photo(args, variant_name: str):
-    """(photo, parsing map, ID embedding or None) of `--image`, with the analysis the flags ask for."""
+def analyse_photo(args, variant_name: str, path: Optional[str] = None):
+    """(photo, parsing map, ID embedding or None) of `--image` (or `path`), with the analysis the
+    flags ask for."""
     from cid_jax import sampling as pl
     from cid_jax.face import FaceAnalyzer
 
-    image = inference.read_image(args.image)
+    path = path or args.image
+    image = inference.read_image(path)
     size = pl.VARIANT_DEFAULTS[variant_name].parse_size
     analyzer = FaceAnalyzer(None if args.parsing else args.parser_weights, args.insightface_models)
     try:
         labels = inference.read_parsing(args.parsing, size) if args.parsing else analyzer.label_map(image, size=size)
         return image, labels, analyzer.id_embedding(image)
     except cli.UserError as e:
-        raise type(e)(f"{args.image}: {e}") from None
+        raise type(e)(f"{path}: {e}") from None
 
 
 @cli.entry_point("generate")
@@ -197,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     quiet_library_logs()
     args = parse_args(argv)
+    args.images, args.image = args.image, args.image[0]
     check_args(args)
     prompts = list(args.prompt) + (inference.read_prompts_file(args.prompts_file) if args.prompts_file else [])
     seeds = seeds_of(args)
@@ -209,6 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cid_jax import sampling as pl
 
     with runtime.CompileStats() as stats:
+        if len(args.images) > 1 or args.region or args.layout:
+            return generate_group(args, prompts, seeds, stats)
         image, label_map, id_embedding = analyse_photo(args, inference.variant(args.checkpoint, args.base))
         log.info("loading %s", args.checkpoint)
         t0 = time.perf_counter()
@@ -234,6 +268,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("loaded in %.1f s; compiled in %.1f s (%s); sampled %d image(s) in %.1f s (%.2f s/image)",
              load_s, timing.compile_s, stats.describe(), len(images), timing.sample_s, timing.s_per_image)
     write_images(args, images, requests, guidance)
+    return 0
+
+
+def generate_group(args, prompts: Sequence[str], seeds: Sequence[int], stats) -> int:
+    """Several people in each image (`cid_jax.people`): one compiled call per prompt, all seeds."""
+    from cid_jax import people
+    from cid_jax import sampling as pl
+
+    variant_name = inference.variant(args.checkpoint, args.base)
+    analysed = [analyse_photo(args, variant_name, path) for path in args.images]
+    loaded = inference.load(args.checkpoint, args.base, args.image_encoder, args.dtype, args.step,
+                            fold_lora=not args.no_fold_lora)
+    size = inference.default_size(loaded, args.base)
+    height, width = args.height or size, args.width or size
+    guidance = args.guidance if args.guidance is not None else pl.VARIANT_DEFAULTS[loaded.model.variant].guidance
+    if args.layout:
+        masks = people.layout_masks(inference.read_image(args.layout), len(args.images), height, width)
+    else:
+        masks = people.box_masks([people.parse_box(r, height, width) for r in args.region], height, width)
+    people.check_masks(masks, "--layout" if args.layout else "--region")
+    faces = [pl.face_batch(*a) for a in analysed]
+    log.info("%d people, %d image(s) (%d prompt(s) x %d seed(s)), %dx%d, %d %s steps", len(faces),
+             len(prompts) * len(seeds), len(prompts), len(seeds), width, height, args.steps, args.sampler)
+    out, compile_s, sample_s = [], 0.0, 0.0
+    for prompt in prompts:
+        images, timing = inference.generate_group(
+            loaded, faces, masks, prompt, args.negative_prompt, seeds, steps=args.steps, guidance=guidance,
+            merge_step=args.merge_step, sampler=args.sampler, height=height, width=width, caption=args.caption,
+            ip_scale=args.ip_scale)
+        out.append(images)
+        compile_s, sample_s = compile_s + timing.compile_s, sample_s + timing.sample_s
+    images = np.concatenate(out)
+    log.info("compiled in %.1f s (%s); sampled %d image(s) in %.1f s", compile_s, stats.describe(), len(images),
+             sample_s)
+    write_images(args, images, [inference.ImageRequest(faces[0], p, s) for p in prompts for s in seeds], guidance)
     return 0
 
 
@@ -292,6 +361,8 @@ def write_images(args, images: np.ndarray, requests: Sequence[inference.ImageReq
                   checkpoint=str(args.checkpoint), image=str(args.image))
     if args.mask:
         common.update(mask=str(args.mask), init_image=str(args.init_image or args.image), strength=args.strength)
+    if len(getattr(args, "images", [])) > 1 or args.region or args.layout:
+        common.update(images=[str(i) for i in args.images], regions=list(args.region), layout=args.layout)
     if args.controlnet:
         common.update(controlnet=list(args.controlnet), control_image=list(args.control_image),
                       controlnet_scale=args.controlnet_scale or [0.5] * len(args.controlnet),

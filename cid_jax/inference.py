@@ -389,6 +389,43 @@ def generate(loaded: Loaded, image: np.ndarray, label_map: np.ndarray, id_embedd
     return images
 
 
+def generate_group(loaded: Loaded, faces: Sequence, region_masks: np.ndarray, prompt: str, negative_prompt: str,
+                   seeds: Sequence[int], *, steps: int, guidance: float, merge_step: int, sampler: str, height: int,
+                   width: int, caption: Optional[str] = None, ip_scale: float = 1.0,
+                   generator=None) -> tuple[np.ndarray, Timing]:
+    """uint8 images [len(seeds), H, W, 3] of several people in one picture (`cid_jax.people`):
+    `faces` (`sampling.face_batch` each) and `region_masks` [P, height, width] in {0, 1}, one per
+    face, non-overlapping. One compiled call for all seeds."""
+    import jax.numpy as jnp
+
+    from cid_jax import people
+    from cid_jax import sampling as pl
+
+    if loaded.model.is_sdxl:
+        raise errors.InputError("several people in one image: SD1.5 models only so far")
+    people.check_masks(region_masks)
+    texts = people.group_texts(prompt, negative_prompt, loaded.tokenizer, [f.part_names for f in faces], caption,
+                               loaded.metadata.get("pairing", "reference"))
+    log.info("facial prompt (%d people): %s", len(faces), texts[0].prompt_face)
+    inputs = people.group_inputs(faces, texts, people.latent_masks(region_masks, loaded.model.vae.config.downscale),
+                                 len(seeds))
+    for text in texts[:1]:
+        pl.check_token_ids(pl.model_inputs([faces[0]], [text]), loaded.model.text_encoders[0].config.vocab_size)
+    noise = pl.initial_noise(seeds, pl.latent_shape(loaded.model, height, width))
+    state = pl.scheduler_state(sampler, steps, loaded.noise_config)
+    generator = generator if generator is not None else pl.Generator(loaded.model)
+    timing = Timing(images=len(seeds))
+    t0 = time.perf_counter()
+    compiled = generator.compile(loaded.frozen, loaded.trainable, inputs, noise, state)
+    timing.compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    images, _ = compiled(loaded.frozen, loaded.trainable, inputs, noise, state, jnp.int32(merge_step),
+                         jnp.float32(guidance), jnp.float32(ip_scale))
+    images = pl.to_uint8(images)
+    timing.sample_s = time.perf_counter() - t0
+    return images, timing
+
+
 def read_prompts_file(path: str, flag: str = "--prompts_file") -> list[str]:
     """The non-empty lines of a prompts file; `flag` names the option in the errors."""
     p = paths.path(path)

@@ -352,9 +352,46 @@ def inpainting_inputs(model: ConsistentID, frozen, image: jax.Array, mask: jax.A
                       masked_image_latents=encode(model, frozen, pixels * keep))
 
 
+class People(NamedTuple):
+    """Several identities in one image (`sample(people=...)`, `cid_jax.people`)."""
+    sets: EmbeddingSets   # each field [B, P, 81, E]: person p's null / text-only / facial contexts
+    masks: jax.Array      # [B, P, h, w] each person's region weight at the latents' resolution
+
+
+def people_sets(model: ConsistentID, frozen, trainable, per_person: Sequence[Mapping[str, jax.Array]]):
+    """(base sets, per-person sets): each person's three contexts from their own inputs (the same
+    token ids, their facial words' positions, their photo), stacked on axis 1; and the base contexts
+    of the pixels outside every region: the negative prompt and the prompt alone, nothing fused (their
+    ID tokens are not read)."""
+    if model.is_sdxl:
+        raise errors.InputError("several people in one image: SD1.5 models only so far")
+    each = [embedding_sets(model, frozen, trainable, x) for x in per_person]
+    stacked = EmbeddingSets(*(jnp.stack(f, axis=1) for f in zip(*[e[:3] for e in each])))
+    first = per_person[0]
+    negative, _ = model.conditioning(frozen, trainable, dict(
+        input_ids=first["negative_ids"], clip_image=jnp.zeros_like(first["clip_image"]),
+        id_embedding=jnp.zeros_like(first["id_embedding"])), fuse=False)
+    return EmbeddingSets(negative, each[0].text, each[0].text), stacked
+
+
+def region_weights(masks: jax.Array, levels: int) -> dict[int, jax.Array]:
+    """[B, P, h, w] region weights at the latents' resolution -> {pixels: [B, P, pixels]} at it and
+    at each UNet level below (2 x 2 means; an odd side is padded with its edge first, as the UNet's
+    stride-2 convolutions halve a side rounding up), the keys of `adapters.Regions.weights`."""
+    out = {}
+    m = masks.astype(jnp.float32)
+    for _ in range(levels):
+        b, p, h, w = m.shape
+        out[h * w] = m.reshape(b, p, h * w)
+        m = jnp.pad(m, ((0, 0), (0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+        m = m.reshape(b, p, m.shape[2] // 2, 2, m.shape[3] // 2, 2).mean((3, 5))
+    return out
+
+
 def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: jax.Array,
            state: schedulers.SamplerState, merge_step, guidance, collect: bool = False, ip_scale=None,
-           inpainting: Optional[Inpainting] = None, start: int = 0, controls: Sequence[Control] = ()):
+           inpainting: Optional[Inpainting] = None, start: int = 0, controls: Sequence[Control] = (),
+           people: Optional[People] = None):
     """Denoises `noise` [B, h, w, 4] (standard normal) over `state`'s steps from `start` on.
 
     `merge_step`, `guidance` and `ip_scale` (the ID branch's weight; None: the model's) are traced
@@ -365,13 +402,29 @@ def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: j
     `start` > 0 (`first_step`, strength < 1) the latents start as the init image noised to that
     step. `controls`: ControlNets, as the reference's ControlNet pipeline runs them: on the latents
     and the conditional context only, their summed residuals added to both halves of the guidance
-    batch. Returns the final latents, and with `collect=True` also every step's guided noise
-    prediction [n - start, B, ...]."""
+    batch. `people`: several identities, each inside its region (`sets` are then the base contexts
+    of `people_sets`); the merge step switches every person's facial words. Returns the final
+    latents, and with `collect=True` also every step's guided noise prediction [n - start, B, ...]."""
     n = state.timesteps.shape[0]
     batch = noise.shape[0]
     nine_channels = model.unet.config.in_channels == 9
     if nine_channels and inpainting is None:
         raise errors.InputError("this UNet is an inpainting one (9 input channels): give an init image and a mask")
+
+    weights = None
+    if people is not None:
+        if controls:
+            raise errors.InputError("ControlNets with several people in one image are not supported yet")
+        weights = region_weights(jnp.concatenate([people.masks, people.masks], axis=0),
+                                 len(model.unet.config.block_out_channels))
+
+    def regions_at(i):  # each person's contexts of this step, for both halves of the guidance batch
+        if people is None:
+            return None
+        from cid_jax.models.adapters import Regions
+
+        cond_people = conditional_context(i - start, merge_step, people.sets.text, people.sets.augmented)
+        return Regions(jnp.concatenate([people.sets.null, cond_people], axis=0), weights)
 
     def step(x, i):
         cond = conditional_context(i - start, merge_step, sets.text, sets.augmented)
@@ -398,7 +451,7 @@ def sample(model: ConsistentID, frozen, trainable, sets: EmbeddingSets, noise: j
             x_in = jnp.concatenate([x_in, inpainting.mask, inpainting.masked_image_latents.astype(x_in.dtype)], -1)
         eps, _ = model.predict_noise(frozen, trainable, jnp.concatenate([x_in, x_in], axis=0),
                                      state.timesteps[i], context, added, capture=False, ip_scale=ip_scale,
-                                     control=control)
+                                     control=control, regions=regions_at(i))
         eps = eps.astype(jnp.float32)
         eps_uncond, eps_cond = eps[:batch], eps[batch:]
         guided = eps_uncond + guidance * (eps_cond - eps_uncond)
@@ -437,7 +490,9 @@ class Generator:
 
     `out_sharding`: where the outputs go (replicated, so every process of a multi-host run can read
     the images); default: where XLA puts them. Inputs with `init_image` [B, H, W, 3] and
-    `inpaint_mask` [B, H, W, 1] (`inpainting_arrays`) inpaint, from step `start` (`first_step`)."""
+    `inpaint_mask` [B, H, W, 1] (`inpainting_arrays`) inpaint, from step `start` (`first_step`).
+    Inputs with `region_masks` [B, P, h, w] and `person_0` ... (each person's model inputs,
+    `cid_jax.people.group_inputs`) put several people in one image."""
     model: ConsistentID
     out_sharding: Any = None
     start: int = 0
@@ -449,7 +504,13 @@ class Generator:
         model, start, controlnets = self.model, self.start, self.controlnets
 
         def run(frozen, trainable, inputs, noise, state, merge_step, guidance, ip_scale):
-            sets = embedding_sets(model, frozen, trainable, inputs)
+            people = None
+            if "region_masks" in inputs:  # several people: person_k holds person k's model inputs
+                per_person = [inputs[f"person_{k}"] for k in range(inputs["region_masks"].shape[1])]
+                sets, stacked = people_sets(model, frozen, trainable, per_person)
+                people = People(stacked, inputs["region_masks"])
+            else:
+                sets = embedding_sets(model, frozen, trainable, inputs)
             inpainting = None
             if "init_image" in inputs:
                 inpainting = inpainting_inputs(model, frozen, inputs["init_image"], inputs["inpaint_mask"])
@@ -457,7 +518,7 @@ class Generator:
                                 inputs[f"control_scale_{k}"], inputs[f"control_keep_{k}"])
                         for k, m in enumerate(controlnets)]
             latents = sample(model, frozen, trainable, sets, noise, state, merge_step, guidance, ip_scale=ip_scale,
-                             inpainting=inpainting, start=start, controls=controls)
+                             inpainting=inpainting, start=start, controls=controls, people=people)
             return decode(model, frozen, latents), latents
 
         return jax.jit(run, out_shardings=self.out_sharding)

@@ -16,6 +16,11 @@ Probabilities are computed explicitly only at captured sites; everywhere else th
 Captured arrays are sown into the `intermediates` collection under the name `facial_attn`
 (`collect_facial_attn` reads them back in diffusers processor order).
 
+Several people in one image (`Regions` in the attention kwargs, inference only): each cross-attention
+attends once per person to that person's context (their facial words fused, their ID tokens) and once
+to a base context (the text alone, no ID attention), and mixes the results per query pixel by the
+people's region weights at that pixel's resolution: inside person p's region only p's photo acts.
+
 Parameters live in the UNet param tree at `<attention path>/processor/...`, named after the
 reference processor's state dict (`to_q_lora/down/kernel`, ..., `to_k_ip/kernel`), so the export
 to `adapter_modules.{index}.to_q_lora.down.weight` is a rename plus a transpose.
@@ -23,7 +28,7 @@ to `adapter_modules.{index}.to_q_lora.down.weight` is a rename plus a transpose.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,6 +47,27 @@ CAPTURE_COLLECTION = "intermediates"
 
 
 # ------------------------------------------------------------------------------------ modules
+
+
+class Regions(NamedTuple):
+    """Several identities, each acting inside its own region (`ConsistentCrossProcessor`).
+
+    contexts: [B, P, T + num_tokens, E], person p's text context (their facial words fused) and their
+      ID tokens; the processor's own `context` is then the base context of the pixels outside every
+      region (its text part: the text alone; its ID tokens are not read).
+    weights: {pixels L: [B, P, L]} each person's region weight at each UNet resolution (the
+      flattened feature map of L pixels), in [0, 1], summing to <= 1 over people at every pixel."""
+    contexts: jax.Array
+    weights: Mapping[int, jax.Array]
+
+
+def _attend_each(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str) -> jax.Array:
+    """One query set against several contexts: q [B, L, H, D], k/v [B, C, T, H, D] -> [B, C, L, H, D]."""
+    b, c = k.shape[:2]
+    fold = lambda x: x.reshape(b * c, *x.shape[2:])  # noqa: E731
+    qs = jnp.broadcast_to(q[:, None], (b, c) + q.shape[1:])
+    out = dot_product_attention(fold(qs), fold(k), fold(v), kernel=kernel)
+    return out.reshape(b, c, *out.shape[1:])
 
 
 def _lora_down_init(rank: int):
@@ -144,13 +170,20 @@ class ConsistentCrossProcessor(_LoRAProjections):
 
     @nn.compact
     def __call__(self, attn, hidden, context=None, mask=None, facial_token_idx=None, ip_scale=None,
-                 **unused):
+                 regions: Regions | None = None, **unused):
         if context is None or context.shape[1] <= self.num_tokens:
             raise ValueError(
                 f"{type(self).__name__} needs a context of text tokens followed by {self.num_tokens} ID "
                 f"tokens; got {None if context is None else context.shape}")
         end = context.shape[1] - self.num_tokens
         text, ip = context[:, :end], context[:, end:]
+        inner = attn.heads * attn.dim_head
+        ip_kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                              ("embed", "heads")))
+        to_k_ip, to_v_ip = nn.Dense(inner, name="to_k_ip", **ip_kw), nn.Dense(inner, name="to_v_ip", **ip_kw)
+        if regions is not None:
+            return self.regional(attn, hidden, text, regions, to_k_ip, to_v_ip, ip_scale)
         if mask is not None and mask.shape[-1] == context.shape[1]:
             mask = mask[..., :end]  # the mask covers the text part only
         q, k, v = self.qkv(attn, hidden, text)
@@ -161,15 +194,31 @@ class ConsistentCrossProcessor(_LoRAProjections):
         else:
             h = dot_product_attention(q, k, v, mask, attn.kernel)
 
-        inner = attn.heads * attn.dim_head
-        ip_kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                              ("embed", "heads")))
-        ip_k = split_heads(nn.Dense(inner, name="to_k_ip", **ip_kw)(ip), attn.heads)
-        ip_v = split_heads(nn.Dense(inner, name="to_v_ip", **ip_kw)(ip), attn.heads)
+        ip_k, ip_v = split_heads(to_k_ip(ip), attn.heads), split_heads(to_v_ip(ip), attn.heads)
         h_ip = dot_product_attention(q, ip_k, ip_v, kernel=attn.kernel)
         scale = self.scale if ip_scale is None else jnp.asarray(ip_scale, h.dtype)
         return self.out(attn, merge_heads(h + scale * h_ip.astype(h.dtype)))
+
+    def regional(self, attn, hidden, text, regions: Regions, to_k_ip, to_v_ip, ip_scale):
+        """Each pixel: sum_p w_p (text attention to person p's context + scale x ID attention to p's
+        tokens) + (1 - sum_p w_p) text attention to the base context. A pixel's output reads only the
+        contexts whose weight there is not 0, so inside one region no other photo acts."""
+        heads, inner = attn.heads, attn.heads * attn.dim_head
+        weights = regions.weights[hidden.shape[1]]                       # [B, P, L]
+        people = regions.contexts.astype(text.dtype)                     # [B, P, T + n, E]
+        end = text.shape[1]
+        texts = jnp.concatenate([text[:, None], people[:, :, :end]], axis=1)  # [B, 1 + P, T, E]
+        per_head = lambda x: x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)  # noqa: E731
+        q = split_heads(self.project(attn.to_q, "to_q_lora", inner, hidden), heads)
+        k = per_head(self.project(attn.to_k, "to_k_lora", inner, texts))
+        v = per_head(self.project(attn.to_v, "to_v_lora", inner, texts))
+        h_text = _attend_each(q, k, v, attn.kernel)                      # [B, 1 + P, L, H, D]
+        ip = people[:, :, end:]
+        h_ip = _attend_each(q, per_head(to_k_ip(ip)), per_head(to_v_ip(ip)), attn.kernel)  # [B, P, L, H, D]
+        scale = self.scale if ip_scale is None else jnp.asarray(ip_scale, h_text.dtype)
+        w = weights.astype(h_text.dtype)[..., None, None]                # [B, P, L, 1, 1]
+        h = (1 - w.sum(1)) * h_text[:, 0] + (w * (h_text[:, 1:] + scale * h_ip.astype(h_text.dtype))).sum(1)
+        return self.out(attn, merge_heads(h))
 
 
 # --------------------------------------------------------------------------------------- plan

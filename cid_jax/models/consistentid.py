@@ -114,14 +114,17 @@ class ConsistentID:
         return context, added
 
     def predict_noise(self, frozen, trainable, noisy, timesteps, context, added=None,
-                      facial_token_idx=None, capture: bool = True, ip_scale=None, control=None):
+                      facial_token_idx=None, capture: bool = True, ip_scale=None, control=None, regions=None):
         """UNet with adapters -> (noise prediction, {attention name: [B, H, N, 5]} captured maps).
         `ip_scale` (a scalar, may be traced) overrides the ID attention branch's weight; `control`:
-        ControlNet residuals (`UNet2DConditionModel`)."""
+        ControlNet residuals (`UNet2DConditionModel`); `regions`: several people
+        (`adapters.Regions`; `context` is then the base context outside their regions)."""
         params = trainable_lib.merge(frozen["unet"], trainable["adapter_modules"])
         kwargs = {} if facial_token_idx is None else {"facial_token_idx": facial_token_idx}
         if ip_scale is not None:
             kwargs["ip_scale"] = ip_scale
+        if regions is not None:
+            kwargs["regions"] = regions
         if not capture:
             return self.unet.apply({"params": params}, noisy, timesteps, context, added,
                                    attention_kwargs=kwargs, control=control), {}
