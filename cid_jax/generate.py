@@ -241,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cid_jax import sampling as pl
 
     with runtime.CompileStats() as stats:
-        if len(args.images) > 1 or args.region or args.layout:
+        if is_group(args):
             return generate_group(args, prompts, seeds, stats)
         image, label_map, id_embedding = analyse_photo(args, inference.variant(args.checkpoint, args.base))
         log.info("loading %s", args.checkpoint)
@@ -271,9 +271,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def is_group(args) -> bool:
+    """Several people in one image (more than one --image, or regions given)."""
+    return len(args.images) > 1 or bool(args.region or args.layout)
+
+
+def region_masks(args, height: int, width: int) -> np.ndarray:
+    """[P, height, width] masks of the people's places (--region boxes or --layout), checked."""
+    from cid_jax import people
+
+    if args.layout:
+        masks = people.layout_masks(inference.read_image(args.layout), len(args.images), height, width)
+    else:
+        masks = people.box_masks([people.parse_box(r, height, width) for r in args.region], height, width)
+    people.check_masks(masks, "--layout" if args.layout else "--region")
+    return masks
+
+
 def generate_group(args, prompts: Sequence[str], seeds: Sequence[int], stats) -> int:
     """Several people in each image (`cid_jax.people`): one compiled call per prompt, all seeds."""
-    from cid_jax import people
     from cid_jax import sampling as pl
 
     variant_name = inference.variant(args.checkpoint, args.base)
@@ -283,11 +299,7 @@ def generate_group(args, prompts: Sequence[str], seeds: Sequence[int], stats) ->
     size = inference.default_size(loaded, args.base)
     height, width = args.height or size, args.width or size
     guidance = args.guidance if args.guidance is not None else pl.VARIANT_DEFAULTS[loaded.model.variant].guidance
-    if args.layout:
-        masks = people.layout_masks(inference.read_image(args.layout), len(args.images), height, width)
-    else:
-        masks = people.box_masks([people.parse_box(r, height, width) for r in args.region], height, width)
-    people.check_masks(masks, "--layout" if args.layout else "--region")
+    masks = region_masks(args, height, width)
     faces = [pl.face_batch(*a) for a in analysed]
     log.info("%d people, %d image(s) (%d prompt(s) x %d seed(s)), %dx%d, %d %s steps", len(faces),
              len(prompts) * len(seeds), len(prompts), len(seeds), width, height, args.steps, args.sampler)
@@ -361,7 +373,7 @@ def write_images(args, images: np.ndarray, requests: Sequence[inference.ImageReq
                   checkpoint=str(args.checkpoint), image=str(args.image))
     if args.mask:
         common.update(mask=str(args.mask), init_image=str(args.init_image or args.image), strength=args.strength)
-    if len(getattr(args, "images", [])) > 1 or args.region or args.layout:
+    if is_group(args):
         common.update(images=[str(i) for i in args.images], regions=list(args.region), layout=args.layout)
     if args.controlnet:
         common.update(controlnet=list(args.controlnet), control_image=list(args.control_image),

@@ -181,22 +181,52 @@ class Processor(nn.Module):
         if cross:
             self.to_k_ip, self.to_v_ip = nn.Linear(kin, hidden, bias=False), nn.Linear(kin, hidden, bias=False)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 regions=None, **kw):
         x = hidden_states
         ctx = x if encoder_hidden_states is None else encoder_hidden_states
         if self.cross:
             ctx, ip = ctx[:, :-self.num_tokens], ctx[:, -self.num_tokens:]
         split = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa: E731
         q = split(attn.to_q(x) + self.to_q_lora(x))
-        k, v = split(attn.to_k(ctx) + self.to_k_lora(ctx)), split(attn.to_v(ctx) + self.to_v_lora(ctx))
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        if self.cross:
-            h_ip = F.scaled_dot_product_attention(q, split(self.to_k_ip(ip)), split(self.to_v_ip(ip)))
-            h = h + self.scale * h_ip.transpose(1, 2).flatten(2)
+        kv = lambda c: (split(attn.to_k(c) + self.to_k_lora(c)), split(attn.to_v(c) + self.to_v_lora(c)))  # noqa: E731
+        if self.cross and regions is not None:
+            h = self._regional(q, ctx, regions, kv, split)
+        else:
+            h = F.scaled_dot_product_attention(q, *kv(ctx)).transpose(1, 2).flatten(2)
+            if self.cross:
+                h_ip = F.scaled_dot_product_attention(q, split(self.to_k_ip(ip)), split(self.to_v_ip(ip)))
+                h = h + self.scale * h_ip.transpose(1, 2).flatten(2)
         h = attn.to_out[1](attn.to_out[0](h) + self.to_out_lora(h))
         if attn.residual_connection:
             h = h + x
         return h / attn.rescale_output_factor
+
+    def _regional(self, q, base, regions, kv, split):
+        """Several people (cid_jax.people): per pixel, sum_p w_p (attention to person p's text context
+        + scale x to p's ID tokens) + (1 - sum_p w_p) attention to the base text alone."""
+        contexts, masks = regions                          # [B, P, T + n, E], [B, P, h, w]
+        w = region_weights(masks, q.shape[2]).to(q.dtype)[:, :, None, :, None]  # [B, P, 1, L, 1]
+        end = base.shape[1]
+        h = (1 - w.sum(1)) * F.scaled_dot_product_attention(q, *kv(base))
+        for p in range(contexts.shape[1]):
+            text, ip = contexts[:, p, :end], contexts[:, p, end:]
+            h_p = F.scaled_dot_product_attention(q, *kv(text))
+            h_p = h_p + self.scale * F.scaled_dot_product_attention(q, split(self.to_k_ip(ip)), split(self.to_v_ip(ip)))
+            h = h + w[:, p] * h_p
+        return h.transpose(1, 2).flatten(2)
+
+
+def region_weights(masks, pixels: int):
+    """[B, P, h, w] region weights at the latents' resolution -> [B, P, pixels] at the UNet level
+    of that many pixels: 2 x 2 means, an odd side padded with its edge (cid_jax.sampling.region_weights)."""
+    m = masks.float()
+    while m.shape[2] * m.shape[3] > pixels:
+        m = F.pad(m, (0, m.shape[3] % 2, 0, m.shape[2] % 2), mode="replicate")
+        m = F.avg_pool2d(m, 2)
+    if m.shape[2] * m.shape[3] != pixels:
+        raise ValueError(f"no UNet level of {pixels} pixels below the {masks.shape[2]}x{masks.shape[3]} latents")
+    return m.flatten(2)
 
 
 def install_processors(unet, adapter_sd) -> None:
@@ -294,6 +324,26 @@ class ConsistentIDTorch:
         out2 = self.text2(ids_2, output_hidden_states=True)
         return torch.cat([h1, out2.hidden_states[-2]], -1), out2.text_embeds
 
+    def _sets(self, inputs: dict) -> dict:
+        """The reference's three contexts (null / text-only / facial, each with its 4 ID tokens), the
+        plain negative encoding and the unconditional ID tokens; SDXL also the pooled embeddings."""
+        ids = lambda k: self._t(inputs[k], torch.long)  # noqa: E731
+        # SDXL's encoder 2 reads each text as tokenizer_2 gives it (inputs "<key>_2").
+        texts = lambda k: (ids(k), ids(k + "_2") if self.sdxl else None)  # noqa: E731
+        tok_mask, valid = ids("facial_token_mask").bool(), ids("facial_token_idx_mask").bool()
+        emb = self._t(inputs["id_embedding"])
+        proj = lambda e, clip: self.proj(e, clip, shortcut=self.sdxl)  # noqa: E731  (SDXL: shortcut, scale 1)
+        id_tokens = proj(emb, self._clip(inputs["clip_image"]))
+        null_tokens = proj(torch.zeros_like(emb), self._clip(np.zeros_like(inputs["clip_image"])))
+        facial_text, facial_pooled = self._encode(*texts("input_ids"))
+        facial = self.fe(facial_text, self._clip(inputs["part_clip_images"]), tok_mask, valid)
+        negative, null_pooled = self._encode(*texts("negative_ids"))
+        null_facial = self.fe(negative, self._clip(np.zeros_like(inputs["part_clip_images"])), tok_mask, valid)
+        text_only, text_pooled = self._encode(*texts("text_only_ids"))
+        return dict(null=torch.cat([null_facial, null_tokens], 1), augmented=torch.cat([facial, id_tokens], 1),
+                    text=torch.cat([text_only, id_tokens], 1), negative=negative, null_tokens=null_tokens,
+                    null_pooled=null_pooled, text_pooled=text_pooled, facial_pooled=facial_pooled)
+
     def _controls(self, controls, x_in, t, cond, added, i: int) -> dict:
         """The summed residuals of the ControlNets at step i (the conditional half only: the latents,
         the conditional context and, SDXL, its added embeddings), for both halves of the batch."""
@@ -312,7 +362,8 @@ class ConsistentIDTorch:
     def __call__(self, inputs: dict, noise_nhwc, steps=50, merge_step=30, guidance=5.0, inpaint=None,
                  strength=1.0, controls=()) -> np.ndarray:
         """Host inputs (cid_jax.sampling.model_inputs; SDXL also `time_ids`) + initial noise ->
-        images [B,H,W,3] in [0,1].
+        images [B,H,W,3] in [0,1]. Inputs with `region_masks` and `person_k`
+        (`cid_jax.people.group_inputs`) put several people in one image.
 
         `inpaint`: (image [B,H,W,3] in [0,1], mask [B,H,W,1] in {0,1}) from
         `cid_jax.sampling.inpainting_arrays`: the reference's inpainting loop (a 9-channel UNet sees
@@ -322,22 +373,19 @@ class ConsistentIDTorch:
         ControlNet pipeline runs them. Init latents are the VAE posterior's mean, as in cid_jax."""
         from cid_jax import sampling as pl
 
-        ids = lambda k: self._t(inputs[k], torch.long)  # noqa: E731
-        # SDXL's encoder 2 reads each text as tokenizer_2 gives it (inputs "<key>_2").
-        texts = lambda k: (ids(k), ids(k + "_2") if self.sdxl else None)  # noqa: E731
-        tok_mask, valid = ids("facial_token_mask").bool(), ids("facial_token_idx_mask").bool()
-        emb = self._t(inputs["id_embedding"])
-        proj = lambda e, clip: self.proj(e, clip, shortcut=self.sdxl)  # noqa: E731  (SDXL: shortcut, scale 1)
-        id_tokens = proj(emb, self._clip(inputs["clip_image"]))
-        null_tokens = proj(torch.zeros_like(emb), self._clip(np.zeros_like(inputs["clip_image"])))
-        facial_text, facial_pooled = self._encode(*texts("input_ids"))
-        facial = self.fe(facial_text, self._clip(inputs["part_clip_images"]), tok_mask, valid)
-        negative, null_pooled = self._encode(*texts("negative_ids"))
-        null_facial = self.fe(negative, self._clip(np.zeros_like(inputs["part_clip_images"])), tok_mask, valid)
-        text_only, text_pooled = self._encode(*texts("text_only_ids"))
-        null = torch.cat([null_facial, null_tokens], 1)
-        augmented = torch.cat([facial, id_tokens], 1)
-        text = torch.cat([text_only, id_tokens], 1)
+        people = None
+        if "region_masks" in inputs:  # several people (cid_jax.people.group_inputs)
+            if self.sdxl:
+                raise ValueError("several people in one image: SD1.5 models only so far")
+            each = [self._sets(inputs[f"person_{k}"]) for k in range(inputs["region_masks"].shape[1])]
+            first = each[0]
+            null, text, augmented = torch.cat([first["negative"], first["null_tokens"]], 1), first["text"], first["text"]
+            stack = lambda key: torch.stack([e[key] for e in each], 1)  # noqa: E731
+            people = (stack("null"), stack("text"), stack("augmented"), self._t(inputs["region_masks"], torch.float32))
+        else:
+            sets = self._sets(inputs)
+            null, text, augmented = sets["null"], sets["text"], sets["augmented"]
+            null_pooled, text_pooled, facial_pooled = sets["null_pooled"], sets["text_pooled"], sets["facial_pooled"]
         if self.sdxl:
             if "time_ids" not in inputs:
                 raise ValueError("SDXL needs inputs['time_ids'] (cid_jax.data.batch.sdxl_time_ids)")
@@ -371,6 +419,11 @@ class ConsistentIDTorch:
                 cond_added = dict(text_embeds=pooled, time_ids=time_ids)
             x_in = self.scheduler.scale_model_input(x, t)
             residuals = self._controls(controls, x_in, t, cond, cond_added, i)
+            if people is not None:
+                people_null, people_text, people_facial, masks = people
+                people_cond = people_text if i <= merge_step else people_facial
+                residuals["cross_attention_kwargs"] = {"regions": (torch.cat([people_null, people_cond]),
+                                                                   torch.cat([masks, masks]))}
             x_in = torch.cat([x_in, x_in]).to(self.dtype)
             if nine:
                 x_in = torch.cat([x_in, torch.cat([small] * 2).to(self.dtype), masked], dim=1)
@@ -400,7 +453,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--base", required=True, help="diffusers SD1.5 or SDXL folder")
     p.add_argument("--image_encoder", help="CLIP-ViT-H-14 folder (default <base>/image_encoder)")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", action="append", required=True,
+                   help="the face photo; repeat for several people, with --region or --layout (as generate)")
+    p.add_argument("--region", action="append", default=[], help="several people: x0,y0,x1,y1 per --image")
+    p.add_argument("--layout", help="several people: one grey level per person (as generate)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative_prompt", default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
     p.add_argument("--steps", type=int, default=50)
@@ -459,7 +515,8 @@ def _main(argv) -> int:
 
     cli.setup_logging()
     args = parse_args(argv)
-    problems = gen.edit_problems(args)
+    args.images, args.image = args.image, args.image[0]
+    problems = gen.edit_problems(args) + gen.group_problems(args)
     if problems:
         raise cli.InputError("; ".join(problems))
     from cid_jax import paths
@@ -478,20 +535,29 @@ def _main(argv) -> int:
         raise cli.MissingError(f"CLIP image encoder {enc}/config.json not found")
     variant = "sdxl" if is_sdxl_folder(base) else "sd15"
     defaults = pl.VARIANT_DEFAULTS[variant]
-    image, labels, embedding = gen.analyse_photo(args, variant)
-    face = pl.face_batch(image, labels, embedding)
+    analysed = [gen.analyse_photo(args, variant, path) for path in args.images]
+    image = analysed[0][0]
+    faces = [pl.face_batch(*a) for a in analysed]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     model = ConsistentIDTorch(args.checkpoint, base, enc, args.device, dtype, args.sampler, args.facial_encoder_heads)
     tok, tok_2 = build_lib.tokenizers_for(inference.base_config(str(base), str(enc)))  # the base's tokenizer folders
-    text = pl.text_batch(args.prompt, args.negative_prompt, tok, face.part_names, None,
-                         model.metadata.get("pairing", "reference"), variant, tok_2)
-    print(f"facial prompt: {text.prompt_face}", file=sys.stderr)
-    inputs = pl.model_inputs([face], [text])
+    pairing = model.metadata.get("pairing", "reference")
     height, width = args.height or defaults.size, args.width or defaults.size
+    f = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    if gen.is_group(args):
+        from cid_jax import people
+
+        texts = people.group_texts(args.prompt, args.negative_prompt, tok, [x.part_names for x in faces], None,
+                                   pairing)
+        inputs = people.group_inputs(faces, texts, people.latent_masks(gen.region_masks(args, height, width), f), 1)
+    else:
+        texts = [pl.text_batch(args.prompt, args.negative_prompt, tok, faces[0].part_names, None, pairing, variant,
+                               tok_2)]
+        inputs = pl.model_inputs(faces, texts)
+    print(f"facial prompt: {texts[0].prompt_face}", file=sys.stderr)
     if model.sdxl:
         inputs["time_ids"] = sdxl_time_ids(1, height, width)
     guidance = args.guidance if args.guidance is not None else defaults.guidance
-    f = 2 ** (len(model.vae.config.block_out_channels) - 1)
     noise = pl.initial_noise([args.seed], (height // f, width // f, model.vae.config.latent_channels))
     inpaint, control_images = gen.edit_arrays(args, image, height, width)
     if inpaint is None and model.unet.config.in_channels == 9:

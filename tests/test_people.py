@@ -160,3 +160,38 @@ def test_generate_command_line_with_two_people(demo_workdir, tmp_path):
     assert "regions" in Image.open(tmp_path / "boxes.png").info.get("parameters", "")
     assert gen.main(common + ["--region=0,0,28,64", f"--out={tmp_path / 'x.png'}"]) == 2
     assert gen.main(common + ["--region=0,0,40,64", "--region=30,0,64,64", f"--out={tmp_path / 'x.png'}"]) == 2
+
+
+def test_pytorch_runner_draws_the_same_two_people(tmp_path):
+    """`convert/run_pytorch.py` (PyTorch + diffusers, its own regional processor) and `generate`
+    with the same two photos and regions write the same image, from tiny models saved in
+    diffusers' format and our exported ConsistentID file."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    import skimage.data
+    from PIL import Image
+
+    from cid_jax import generate as gen
+    from tests.helpers import (REPO, abstract_trainable, export_trainable, inference_demo_config, load_local_model,
+                               random_params, write_tiny_sd15)
+
+    write_tiny_sd15(tmp_path)
+    config = inference_demo_config()
+    model, _ = load_local_model(tmp_path, config)
+    export_trainable(random_params(abstract_trainable(model), seed=5), config, tmp_path / "cid.safetensors")
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "a.png")
+    Image.fromarray(skimage.data.camera()).convert("RGB").save(tmp_path / "b.png")
+    common = [f"--checkpoint={tmp_path / 'cid.safetensors'}", f"--base={tmp_path / 'base'}",
+              f"--image_encoder={tmp_path / 'clip'}", f"--image={tmp_path / 'a.png'}", f"--image={tmp_path / 'b.png'}",
+              "--region=0,8,28,64", "--region=36,0,64,56", "--prompt=two friends", "--steps=3", "--merge_step=1",
+              "--height=64", "--width=64", "--seed=4"]
+    assert gen.main(common + ["--dtype=float32", f"--out={tmp_path / 'jax.png'}"]) == 0
+    spec = importlib.util.spec_from_file_location("run_pytorch", REPO / "convert" / "run_pytorch.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    heads = config.model.facial_encoder.heads
+    assert rp.main(common + [f"--facial_encoder_heads={heads}", f"--out={tmp_path / 'torch.png'}"]) == 0
+    ours, theirs = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("jax", "torch"))
+    assert ours.shape == theirs.shape == (64, 64, 3) and np.abs(ours - theirs).max() <= 1
