@@ -36,6 +36,13 @@ Outputs in --out: report.md (a table laid out like the paper's Table 3, scores x
 metrics.json (clip_t, clip_i, dino, facesim, fgis, fid, kid, s_per_image: mean and 95% interval
 over identities), per_image.csv, contact_sheet.png (each row: the reference, then its generations),
 and with --checkpoint the images themselves under images/.
+
+Several people (`--people=N`, with --checkpoint): the references are taken N at a time in name order,
+each group generated together (person k in the k-th of N side-by-side regions, `cid_jax.people`), and
+each person's region is cropped and scored against every reference of its group: people.json /
+people.md give, per metric (FaceSim, DINO, CLIP-I), the mean similarity of a crop to its own reference,
+to the closest other one, the margin between them (95% interval) and the share of crops closer to
+their own reference.
 """
 from __future__ import annotations
 
@@ -103,6 +110,118 @@ def generate_all(args, references, prompts, words, out: pathlib.Path) -> tuple[l
     return records, {"s_per_image": timing.s_per_image, "compile_s": timing.compile_s, "images": timing.images}
 
 
+# ---------------------------------------------------------------------------------- several people
+
+
+def generate_groups(args, references, prompts, words, out: pathlib.Path) -> list[dict]:
+    """The references N at a time (name order), each group x prompt x seed in one image with the
+    people side by side; returns one record per image: path, the group's names, prompt, seed, boxes."""
+    from PIL import Image
+
+    from cid_jax import inference, people
+    from cid_jax import sampling as pl
+    from cid_jax.face import FaceAnalyzer
+
+    names = sorted(references)
+    groups = [names[i:i + args.people] for i in range(0, len(names) - args.people + 1, args.people)]
+    if not groups:
+        raise cli.InputError(f"--people={args.people} but --references has {len(names)} photo(s)")
+    if len(names) % args.people:
+        log.warning("%d reference(s) left out: %d is not a multiple of --people=%d", len(names) % args.people,
+                    len(names), args.people)
+    variant = inference.variant(args.checkpoint, args.base)
+    analyzer = FaceAnalyzer(args.parser_weights, args.face_models)
+    loaded = inference.load(args.checkpoint, args.base, args.image_encoder, args.dtype)
+    size = args.size or inference.default_size(loaded, args.base)
+    boxes = people.side_by_side(args.people, size, size)
+    masks = people.box_masks(boxes, size, size)
+    guidance = args.guidance if args.guidance is not None else pl.VARIANT_DEFAULTS[loaded.model.variant].guidance
+    faces = {}
+    for name in names:
+        photo = inference.read_image(str(references[name]))
+        try:
+            faces[name] = pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[variant].parse_size),
+                                        analyzer.id_embedding(photo))
+        except cli.UserError as e:
+            raise type(e)(f"reference {references[name]}: {e}") from None
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    records, generator = [], pl.Generator(loaded.model)
+    for group in groups:
+        word = " and ".join(words.get(n, args.class_word) for n in group)
+        for k, prompt in enumerate(prompts):
+            text = scoring.fill(prompt, word)
+            images, _ = inference.generate_group(
+                loaded, [faces[n] for n in group], masks, text, args.negative_prompt, seeds, steps=args.steps,
+                guidance=guidance, merge_step=args.merge_step, sampler=args.sampler, height=size, width=size,
+                generator=generator)
+            for seed, image in zip(seeds, images):
+                path = out / "images" / "+".join(group) / f"p{k:02d}_s{seed}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(path)
+                records.append(dict(path=path, group=group, prompt=text, seed=seed, boxes=boxes))
+    log.info("generated %d images of %d people each", len(records), args.people)
+    return records
+
+
+def score_groups(models, references, records: Sequence[dict]) -> tuple[dict, list[dict]]:
+    """Each person's crop against every reference of its group, per metric: (summary, rows)."""
+    import numpy as np
+
+    from cid_jax import inference, metrics
+
+    described = {}
+    rows = []
+    for record in records:
+        image = inference.read_image(str(record["path"]))
+        for k, (name, (x0, y0, x1, y1)) in enumerate(zip(record["group"], record["boxes"])):
+            crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+            for metric, sims in metrics.similarities_to(models, crop, [
+                    described.setdefault(n, metrics.describe_reference(models, n, inference.read_image(
+                        str(references[n])))) for n in record["group"]]).items():
+                if sims is None:
+                    rows.append(dict(image=str(record["path"]), person=k, reference=name, metric=metric, no_face=True))
+                    continue
+                own, others = sims[k], [s for j, s in enumerate(sims) if j != k]
+                rows.append(dict(image=str(record["path"]), person=k, reference=name, metric=metric, own=own,
+                                 other=max(others), margin=own - max(others)))
+    summary = {}
+    for metric in sorted({r["metric"] for r in rows}):
+        scored = [r for r in rows if r["metric"] == metric and "margin" in r]
+        by_reference = {}
+        for r in scored:
+            by_reference.setdefault(r["reference"], []).append(r["margin"])
+        summary[metric] = dict(
+            own=float(np.mean([r["own"] for r in scored])) if scored else None,
+            other=float(np.mean([r["other"] for r in scored])) if scored else None,
+            margin=metrics.mean_and_interval(by_reference) if scored else None,
+            closer_to_own=float(np.mean([r["margin"] > 0 for r in scored])) if scored else None,
+            crops=len(scored), no_face=sum(1 for r in rows if r["metric"] == metric and r.get("no_face")))
+    return summary, rows
+
+
+def write_people(out: pathlib.Path, summary: dict, rows: list[dict], name: str, count: int) -> None:
+    import json
+
+    (out / "people.json").write_text(json.dumps(scoring.finite_or_null(summary), indent=1, allow_nan=False))
+    with open(out / "people.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "person", "reference", "metric", "own", "other", "margin",
+                                          "no_face"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# {name}: {count} people per image, each crop against its group's references", "",
+             "| metric | own reference | closest other | margin (95% interval) | crops closer to own | crops |",
+             "|---|---|---|---|---|---|"]
+    for metric, s in summary.items():
+        if not s["crops"]:
+            lines.append(f"| {metric} | - | - | - | - | 0 ({s['no_face']} without a face) |")
+            continue
+        m = s["margin"]
+        low, high = m["ci95"]
+        lines.append(f"| {metric} | {s['own']:.3f} | {s['other']:.3f} | {m['mean']:+.3f} ({low:+.3f} .. {high:+.3f}) "
+                     f"| {100 * s['closer_to_own']:.0f}% | {s['crops']} |")
+    (out / "people.md").write_text("\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------------------- main
 
 
@@ -134,6 +253,9 @@ def parse_args(argv=None):
     p.add_argument("--inception", help="pytorch-fid Inception weights .pth (FID, KID)")
     p.add_argument("--parser_weights", help="BiSeNet weights for the FGIS regions (default: offline template)")
     p.add_argument("--name", default=None, help="the method's name in the report (default: the checkpoint's)")
+    p.add_argument("--people", type=int, default=1,
+                   help="N > 1: generate the references N at a time in one image each, side by side, and score "
+                        "each person's crop against every reference of the group (people.md, people.json)")
     from cid_jax import runtime
 
     runtime.add_cache_flags(p)
@@ -147,6 +269,10 @@ def check_args(args) -> None:
             problems.append(f"--{flag}={getattr(args, flag)}: must be >= 1")
     if args.checkpoint and not args.prompts:
         problems.append("--prompts is needed to generate (reference, paper, or a file with one prompt per line)")
+    if args.people < 1:
+        problems.append(f"--people={args.people}: must be >= 1")
+    elif args.people > 1 and not args.checkpoint:
+        problems.append("--people scores images this tool generates: give --checkpoint")
     if problems:
         raise cli.InputError("; ".join(problems))
 
@@ -191,6 +317,14 @@ def evaluate(args, prompts, out: pathlib.Path) -> None:
                                         parser_weights=args.parser_weights)
     for m, flag in models.skipped().items():
         log.warning("%s: skipped (needs %s)", m, flag)
+    if args.people > 1:
+        out.mkdir(parents=True, exist_ok=True)
+        groups = generate_groups(args, references, prompts, words, out)
+        summary, rows = score_groups(models, references, groups)
+        write_people(out, summary, rows, args.name, args.people)
+        log.info("scored %d group images in %.1f s", len(groups), time.perf_counter() - t0)
+        print((out / "people.md").read_text())
+        return
     if args.checkpoint:
         out.mkdir(parents=True, exist_ok=True)
         generated, timing = generate_all(args, references, prompts, words, out)

@@ -434,6 +434,21 @@ def describe_reference(models: MetricModels, name: str, image: np.ndarray) -> Re
     return ref
 
 
+def similarities_to(models: MetricModels, image: np.ndarray, references: Sequence[Reference]) -> dict:
+    """{metric: [cosine similarity of `image` to each reference]} for FaceSim, DINO and CLIP-I, the
+    metrics whose model is loaded; FaceSim is None when no face is found in `image`."""
+    out = {}
+    if models.face is not None:
+        e = _face_embedding(models.face, image)
+        out["facesim"] = None if e is None else [float(e @ r.face) if r.face is not None else 0.0
+                                                 for r in references]
+    for metric, encoder, attr in (("dino", models.dino, "dino"), ("clip_i", models.clip_image, "clip")):
+        if encoder is not None:
+            e = encoder.embed(encoder.preprocess(image)[None])[0]
+            out[metric] = [float(e @ getattr(r, attr)) for r in references]
+    return out
+
+
 def score_images(models: MetricModels, reference: Reference, images: Sequence[np.ndarray],
                  prompts: Sequence[Optional[str]]) -> list[dict]:
     """Per-image scores of generations of one reference: {metric: value} (absent = skipped)."""

@@ -115,6 +115,15 @@ def latent_masks(masks: np.ndarray, factor: int) -> np.ndarray:
     return masks.reshape(p, h // factor, factor, w // factor, factor).mean((2, 4)).astype(np.float32)
 
 
+def side_by_side(count: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """`count` boxes side by side across the image, full height, an eighth of a column apart from
+    each other's edges (so the soft edges at the coarse UNet levels do not touch)."""
+    column = width / count
+    margin = int(column / 16)
+    return [(int(round(k * column)) + margin * (k > 0), 0, int(round((k + 1) * column)) - margin * (k < count - 1),
+             height) for k in range(count)]
+
+
 def group_inputs(faces: Sequence, texts: Sequence, region_masks: np.ndarray, batch: int) -> dict:
     """The Generator's inputs for `batch` images of the same people: person_k (person k's model
     inputs) and region_masks [batch, P, h, w]."""

@@ -195,3 +195,38 @@ def test_pytorch_runner_draws_the_same_two_people(tmp_path):
     assert rp.main(common + [f"--facial_encoder_heads={heads}", f"--out={tmp_path / 'torch.png'}"]) == 0
     ours, theirs = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("jax", "torch"))
     assert ours.shape == theirs.shape == (64, 64, 3) and np.abs(ours - theirs).max() <= 1
+
+
+def test_evaluate_scores_each_persons_crop_against_the_group(demo_workdir, tmp_path):
+    """`evaluate --people=2` on the demo checkpoint: two references generated together side by side,
+    each crop scored against both; people.json / people.md / people.csv written. (The demo's models are
+    random, so its margins say nothing about identity; the numbers for real models come from the same
+    command with --face_models/--dino_model/--clip_model.)"""
+    pytest.importorskip("torch")
+    import json
+
+    import skimage.data
+    from PIL import Image
+
+    from cid_jax import evaluate
+    from tests.helpers import write_metric_models
+
+    workdir, _ = demo_workdir
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(refs / "astronaut.png")
+    Image.fromarray(skimage.data.camera()).convert("RGB").save(refs / "cameraman.png")
+    (tmp_path / "prompts.txt").write_text("a photo of a <class word> in a park\n")
+    models = write_metric_models(tmp_path / "metric_models")
+    out = tmp_path / "eval"
+    assert evaluate.main([f"--checkpoint={workdir}", f"--references={refs}", f"--prompts={tmp_path / 'prompts.txt'}",
+                          "--people=2", "--seeds=2", "--steps=2", "--merge_step=0", f"--out={out}",
+                          f"--dino_model={models['dino_model']}", f"--clip_model={models['clip_model']}"]) == 0
+    summary = json.loads((out / "people.json").read_text())
+    assert set(summary) == {"dino", "clip_i"}
+    for s in summary.values():
+        assert s["crops"] == 2 * 2 and -1 <= s["margin"]["mean"] <= 1 and 0 <= s["closer_to_own"] <= 1
+    assert len(list((out / "images" / "astronaut+cameraman").glob("*.png"))) == 2
+    assert "closer to own" in (out / "people.md").read_text()
+    assert evaluate.main([f"--generated={out / 'images'}", f"--references={refs}", "--people=2",
+                          f"--out={tmp_path / 'x'}"]) == 2
