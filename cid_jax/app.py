@@ -12,7 +12,10 @@ Two folded panels edit a picture as the reference's inpainting / ControlNet demo
 picture" takes a picture and a painted mask (white strokes = repaint; the face photo still gives the
 identity) and a strength; "ControlNets" lists each `--controlnet=DIR` given at start with its control
 (off, canny edges of the picture, the inpainting ControlNet's masked picture, or an uploaded
-picture) and its scale. Each new combination compiles once, as a new shape does.
+picture) and its scale. "Two people" takes a second face photo and, on a canvas the size of the
+output, a red stroke area for the first person and a blue one for the second (nothing drawn: left and
+right halves); each person's identity then acts only in their area (`cid_jax.people`). Each new
+combination compiles once, as a new shape does.
 
 Serves on the local machine only (no public share link). The first request with a new step count
 or image count compiles that shape once (then the persistent cache keeps it for later runs).
@@ -53,6 +56,33 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 # How a ControlNet's control image is made (the page's choice per ControlNet).
 CONTROL_MODES = ("off", "canny", "inpaint", "picture")
+
+
+PERSON_COLOURS = ("#ff0000", "#0000ff")  # the canvas brush: first person red, second blue
+
+
+def drawn_regions(value, height: int, width: int) -> Optional[np.ndarray]:
+    """The "Two people" canvas -> [2, height, width] masks: red strokes the first person, blue the
+    second; None when nothing is drawn. Strokes are read from the layers (where painted) by their
+    dominant channel, scaled to the output size."""
+    from PIL import Image
+
+    if not value:
+        return None
+    layers = [np.asarray(layer) for layer in (value.get("layers") or []) if layer is not None]
+    if not layers:
+        return None
+    masks = np.zeros((2, height, width), np.float32)
+    for layer in layers:
+        if layer.ndim != 3 or layer.shape[-1] != 4:
+            continue
+        painted = layer[..., 3] > 0
+        red = painted & (layer[..., 0].astype(int) > layer[..., 2].astype(int))
+        blue = painted & (layer[..., 2].astype(int) > layer[..., 0].astype(int))
+        for k, strokes in enumerate((red, blue)):
+            scaled = np.asarray(Image.fromarray(strokes).resize((width, height), Image.NEAREST))
+            masks[k] = np.maximum(masks[k], scaled)
+    return masks if masks.any() else None
 
 
 def picture_and_mask(value) -> Optional[tuple]:
@@ -149,14 +179,18 @@ class Demo:
 
     def run(self, image, prompt: str, negative_prompt: str, steps: int, guidance: float, merge_step: int,
             ip_scale: float, seed: int, num_images: int, label_map=None, edit: Optional[tuple] = None,
-            strength: float = 1.0, controls: Sequence[tuple] = ()):
+            strength: float = 1.0, controls: Sequence[tuple] = (), second=None, regions=None):
         """(images, overlay, facial prompt, timing line). `edit`: (picture, mask) to repaint;
-        `controls`: (mode, picture, scale) per loaded ControlNet."""
+        `controls`: (mode, picture, scale) per loaded ControlNet; `second`: a second person's photo,
+        `regions` [2, H, W] their places (None: left and right halves)."""
         from cid_jax import generate as gen
         from cid_jax import inference
         from cid_jax import sampling as pl
 
         image = np.asarray(image)[..., :3].astype(np.uint8)
+        if second is not None:
+            return self.run_two(image, np.asarray(second)[..., :3].astype(np.uint8), regions, prompt,
+                                negative_prompt, steps, guidance, merge_step, ip_scale, seed, num_images)
         init, mask = edit if edit is not None else (image, None)
         active = [(net, mode, picture, float(scale)) for net, (mode, picture, scale) in zip(self.controlnets, controls)
                   if mode != "off"]
@@ -182,8 +216,39 @@ class Demo:
                 + (f"; compiled this shape in {timing.compile_s:.1f} s" if timing.compile_s else "") + ")")
         return list(images), overlay(image, label_map, box), text.prompt_face, took
 
+    def run_two(self, image, second, regions, prompt, negative_prompt, steps, guidance, merge_step, ip_scale, seed,
+                num_images):
+        """Two people in each image: (images, the regions over the output, facial prompt, timing)."""
+        from cid_jax import inference, people
+        from cid_jax import sampling as pl
+
+        faces = []
+        for k, photo in enumerate((image, second)):
+            try:
+                label_map, embedding, _ = self.analyse(photo)
+            except cli.UserError as e:
+                raise type(e)(f"photo {k + 1}: {e}") from None
+            faces.append(pl.face_batch(photo, label_map, embedding))
+        if regions is None:
+            regions = people.box_masks(people.side_by_side(2, self.height, self.width), self.height, self.width)
+        people.check_masks(regions, "the drawn areas")
+        seeds = [int(seed) + k for k in range(int(max(1, min(MAX_IMAGES, num_images))))]
+        t0 = time.perf_counter()
+        images, timing = inference.generate_group(
+            self.loaded, faces, regions, prompt, negative_prompt, seeds, steps=int(steps), guidance=float(guidance),
+            merge_step=int(merge_step), sampler=self.args.sampler, height=self.height, width=self.width,
+            caption=self.args.caption, ip_scale=float(ip_scale), generator=self.generator)
+        texts = people.group_texts(prompt, negative_prompt, self.loaded.tokenizer, [f.part_names for f in faces],
+                                   self.args.caption, self.loaded.metadata.get("pairing", "reference"))
+        shown = np.full((self.height, self.width, 3), 255, np.uint8)
+        for mask, colour in zip(regions, ((255, 0, 0), (0, 0, 255))):
+            shown[mask > 0] = colour
+        took = (f"{len(images)} image(s) of two people in {time.perf_counter() - t0:.1f} s"
+                + (f" (compiled in {timing.compile_s:.1f} s)" if timing.compile_s else ""))
+        return list(images), shown, texts[0].prompt_face, took
+
     def handle(self, image, prompt, negative_prompt, steps, guidance, merge_step, ip_scale, seed, num_images,
-               edit=None, strength=1.0, *controls):
+               edit=None, strength=1.0, second=None, layout=None, *controls):
         """The page's handler: user errors (no face, no photo) become messages in the page.
         `controls`: mode, picture, scale for each ControlNet, flat, as the page lists them."""
         import gradio as gr
@@ -197,11 +262,17 @@ class Demo:
         problems = request_problems(steps=steps, guidance=guidance, merge_step=merge_step, ip_scale=ip_scale,
                                     seed=seed, num_images=num_images, strength=strength)
         problems += edit_problems(self.controlnet_names, edit, controls)
+        regions = drawn_regions(layout, self.height, self.width)
+        if second is None and regions is not None:
+            problems.append("areas are drawn for two people: add the second person's photo")
+        if second is not None and (picture_and_mask(edit) is not None or any(c[0] != "off" for c in controls)):
+            problems.append("two people with repainting or ControlNets is not supported yet")
         if problems:
             raise gr.Error("; ".join(problems))
         try:
             return self.run(image, prompt, negative_prompt or "", steps, guidance, merge_step, ip_scale, seed,
-                            num_images, edit=picture_and_mask(edit), strength=strength, controls=controls)
+                            num_images, edit=picture_and_mask(edit), strength=strength, controls=controls,
+                            second=second, regions=regions)
         except cli.UserError as e:
             raise gr.Error(str(e)) from None
 
@@ -278,7 +349,8 @@ def api_handler(demo: Demo):
                                  **({"default": default[0]} if default else {}))
 
     names = ("image", "prompt", "negative_prompt", "steps", "guidance", "merge_step", "ip_scale", "seed", "num_images")
-    params = [param(n) for n in names] + [param("edit", None), param("strength", 1.0)]
+    params = [param(n) for n in names] + [param("edit", None), param("strength", 1.0), param("second_photo", None),
+                                          param("areas", None)]
     for k in range(len(demo.controlnets)):
         params += [param(f"control_mode_{k}", "off"), param(f"control_picture_{k}", None),
                    param(f"control_scale_{k}", 0.5)]
@@ -309,6 +381,13 @@ def build_ui(demo: Demo, steps: int):
                     edit = gr.ImageMask(label="picture to repaint: paint over what should change", type="numpy",
                                         elem_id="repaint", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="strength (1: from pure noise)")
+                with gr.Accordion("Two people", open=False):
+                    second = gr.Image(label="the second person's photo", type="numpy", elem_id="photo_2")
+                    blank = np.full((demo.height, demo.width, 3), 255, np.uint8)
+                    areas = gr.ImageEditor(value={"background": blank, "layers": [], "composite": blank},
+                                           label="their places: red = first photo, blue = second (empty: halves)",
+                                           type="numpy", elem_id="areas",
+                                           brush=gr.Brush(colors=list(PERSON_COLOURS), color_mode="fixed"))
                 controls = []
                 if demo.controlnet_names:
                     with gr.Accordion("ControlNets", open=False):
@@ -326,7 +405,7 @@ def build_ui(demo: Demo, steps: int):
                 facial = gr.Textbox(label="facial prompt", elem_id="facial_prompt")
                 took = gr.Markdown(elem_id="timing")
         button.click(api_handler(demo), [photo, prompt, negative, steps_in, guidance, merge, ip_scale, seed, count, edit,
-                                   strength] + controls, [gallery, seen, facial, took], api_name="generate")
+                                   strength, second, areas] + controls, [gallery, seen, facial, took], api_name="generate")
     ui.queue(default_concurrency_limit=1)
     return ui
 

@@ -32,6 +32,7 @@ def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("app_photos")
     Image.fromarray(skimage.data.astronaut()).save(root / "astronaut.png")
     Image.fromarray(skimage.data.coffee()).save(root / "coffee.png")  # a cup: no face
+    Image.fromarray(skimage.data.astronaut()[:, ::-1]).save(root / "astronaut_flipped.png")  # a second person
     return root
 
 
@@ -127,16 +128,48 @@ def test_gradio_client_repaints_with_a_controlnet(server, photos, tmp_path):
                     composite=None)
 
     args = (photo, "a portrait", "", 2, 5.0, 0, 1.0, 7, 1)
-    gallery, *_ = client.predict(*args, edit(tmp_path / "strokes.png"), 1.0, "canny", None, 0.8,
-                                 api_name="/generate")
+    gallery, *_ = client.predict(*args, edit(tmp_path / "strokes.png"), 1.0, control_mode_0="canny",
+                                 control_scale_0=0.8, api_name="/generate")
     repainted = np.asarray(Image.open(gallery[0]["image"]).convert("RGB")).astype(int)
     gallery, *_ = client.predict(*args, api_name="/generate")
     before = np.asarray(Image.open(gallery[0]["image"]).convert("RGB")).astype(int)
     assert repainted.shape == before.shape == (64, 64, 3) and np.abs(repainted - before).max() > 8
     with pytest.raises(Exception, match="nothing painted"):
-        client.predict(*args, edit(nothing), 1.0, "off", None, 0.5, api_name="/generate")
+        client.predict(*args, edit(nothing), 1.0, api_name="/generate")
     with pytest.raises(Exception, match="'inpaint' needs a picture to repaint"):
-        client.predict(*args, None, 1.0, "inpaint", None, 0.5, api_name="/generate")
+        client.predict(*args, None, 1.0, control_mode_0="inpaint", api_name="/generate")
+
+
+def test_gradio_client_draws_two_people(server, photos, tmp_path):
+    """The "Two people" panel through the HTTP API: a second photo, areas drawn in red and blue on the
+    canvas (or none: halves); both identities' facial words are in the prompt; the page shows the
+    areas it used. Areas without a second photo are a message."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    strokes = np.zeros((64, 64, 4), np.uint8)
+    strokes[8:56, 2:26] = (255, 0, 0, 255)
+    strokes[8:56, 38:62] = (0, 0, 255, 255)
+    Image.fromarray(strokes).save(tmp_path / "areas.png")
+    canvas = Image.fromarray(np.full((64, 64, 3), 255, np.uint8))
+    canvas.save(tmp_path / "canvas.png")
+    areas = dict(background=handle_file(str(tmp_path / "canvas.png")), layers=[handle_file(str(tmp_path / "areas.png"))],
+                 composite=None)
+    args = (handle_file(str(photos / "astronaut.png")), "two friends", "", 2, 5.0, 0, 1.0, 7, 1)
+    second = handle_file(str(photos / "astronaut_flipped.png"))
+    gallery, seen, facial, took = client.predict(*args, second_photo=second, areas=areas, api_name="/generate")
+    assert Image.open(gallery[0]["image"]).size == (64, 64) and facial.count("<|facial|>") == 10
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    close = lambda a, b: np.abs(a.astype(int) - b).max() < 8  # noqa: E731  (the page's image encoding is lossy)
+    shown = np.asarray(Image.open(seen).convert("RGB"))
+    assert close(shown[30, 10], red) and close(shown[30, 50], blue) and close(shown[4, 10], 255) and "two people" in took
+    gallery, seen, *_ = client.predict(*args, second_photo=second, api_name="/generate")  # halves
+    shown = np.asarray(Image.open(seen).convert("RGB"))
+    assert close(shown[4, 10], red) and close(shown[60, 60], blue)
+    with pytest.raises(Exception, match="add the second person's photo"):
+        client.predict(*args, areas=areas, api_name="/generate")
 
 
 def test_a_port_in_use_is_one_line_before_loading(demo_workdir, capsys):
