@@ -7,7 +7,7 @@ statement counted, function-level ones included):
     weights/                 on-disk formats <-> param trees: never a trainer, a run or an entry point
     face/  data/             face analysis; FGID records and tf.data: no sampler, trainer or run
     build, run, metrics      the composition root; the run directory's one owner; the metric models
-    sampling inference scoring trainer train_eval export   the libraries of the tools: making images,
+    sampling people inference scoring trainer train_eval export   the libraries of the tools: making images,
                              scoring them, training (no command-line module, no flag parsing)
     train generate evaluate aot app   the command lines, which parse flags and call the libraries
     convert/                 thin command-line wrappers
@@ -19,8 +19,8 @@ import pathlib
 
 from tests.helpers import REPO
 
-ENTRY_POINTS = ("train", "trainer", "train_eval", "generate", "sampling", "inference", "scoring", "evaluate", "export",
-                "aot", "app")
+ENTRY_POINTS = ("train", "trainer", "train_eval", "generate", "sampling", "people", "inference", "scoring", "evaluate",
+                "export", "aot", "app")
 COMMAND_LINES = ("train", "generate", "evaluate", "aot", "app")
 ABOVE_DATA = ENTRY_POINTS + ("run", "build")
 
@@ -145,8 +145,8 @@ def test_only_the_tools_present_errors():
 def test_the_libraries_import_no_command_line():
     """Training's evaluation, the app and evaluate's scoring use inference/scoring, never a CLI module."""
     g = import_graph()
-    for m in ("cid_jax.inference", "cid_jax.scoring", "cid_jax.sampling", "cid_jax.trainer", "cid_jax.train_eval",
-              "cid_jax.export"):
+    for m in ("cid_jax.inference", "cid_jax.scoring", "cid_jax.sampling", "cid_jax.people", "cid_jax.trainer",
+              "cid_jax.train_eval", "cid_jax.export"):
         assert _violations(g, m, forbidden=COMMAND_LINES) == [], m
     assert "cid_jax.generate" not in g["cid_jax.evaluate"] and "cid_jax.evaluate" not in g["cid_jax.train_eval"]
 
