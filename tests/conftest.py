@@ -64,7 +64,7 @@ def demo_workdir(tmp_path_factory):
 # collection order, so starting these first keeps one long file from running alone at the end.
 LONGEST_FIRST = ("test_pod_path.py", "test_aot.py", "test_reliability.py", "test_train.py", "test_serving.py",
                  "test_train_step.py", "test_finetune_and_evaluate.py", "test_fast_start.py",
-                 "test_generate_parity.py", "test_generate.py")
+                 "test_generate_parity.py", "test_people.py", "test_generate.py", "test_app.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -139,7 +139,7 @@ def test_region_errors_are_one_line():
         people.layout_masks(layout, 3, 64, 64)
 
 
-def test_generate_command_line_with_two_people(demo_workdir, tmp_path):
+def test_generate_command_line_with_two_people(demo_workdir, tmp_path, capsys):
     import skimage.data
     from PIL import Image
 
@@ -159,6 +159,10 @@ def test_generate_command_line_with_two_people(demo_workdir, tmp_path):
     assert boxes.shape == (64, 64, 3) and np.array_equal(boxes, laid)  # the same regions, drawn two ways
     assert "regions" in Image.open(tmp_path / "boxes.png").info.get("parameters", "")
     assert gen.main(common + ["--region=0,0,28,64", f"--out={tmp_path / 'x.png'}"]) == 2
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "cup.png")  # no face: the photo is named
+    no_face = [a.replace("b.png", "cup.png") for a in common]
+    assert gen.main(no_face + ["--region=0,0,28,64", "--region=36,0,64,64", f"--out={tmp_path / 'x.png'}"]) == 2
+    assert "cup.png: no face found" in capsys.readouterr().err
     assert gen.main(common + ["--region=0,0,40,64", "--region=30,0,64,64", f"--out={tmp_path / 'x.png'}"]) == 2
 
 
