@@ -38,7 +38,8 @@ over identities), per_image.csv, contact_sheet.png (each row: the reference, the
 and with --checkpoint the images themselves under images/.
 
 Several people (`--people=N`, with --checkpoint): the references are taken N at a time in name order,
-each group generated together (person k in the k-th of N side-by-side regions, `cid_jax.people`), and
+each group generated together (person k in the k-th --region, default the k-th of N side-by-side
+columns, `cid_jax.people`), and
 each person's region is cropped and scored against every reference of its group: people.json /
 people.md give, per metric (FaceSim, DINO, CLIP-I), the mean similarity of a crop to its own reference,
 to the closest other one, the margin between them (95% interval) and the share of crops closer to
@@ -133,8 +134,10 @@ def generate_groups(args, references, prompts, words, out: pathlib.Path) -> list
     analyzer = FaceAnalyzer(args.parser_weights, args.face_models)
     loaded = inference.load(args.checkpoint, args.base, args.image_encoder, args.dtype)
     size = args.size or inference.default_size(loaded, args.base)
-    boxes = people.side_by_side(args.people, size, size)
+    boxes = ([people.parse_box(r, size, size) for r in args.region] if args.region
+             else people.side_by_side(args.people, size, size))
     masks = people.box_masks(boxes, size, size)
+    people.check_masks(masks)
     guidance = args.guidance if args.guidance is not None else pl.VARIANT_DEFAULTS[loaded.model.variant].guidance
     faces = {}
     for name in names:
@@ -256,6 +259,9 @@ def parse_args(argv=None):
     p.add_argument("--people", type=int, default=1,
                    help="N > 1: generate the references N at a time in one image each, side by side, and score "
                         "each person's crop against every reference of the group (people.md, people.json)")
+    p.add_argument("--region", action="append", default=[],
+                   help="with --people: x0,y0,x1,y1 of each person (pixels of the image, one per person, in group "
+                        "order; default: side-by-side columns)")
     from cid_jax import runtime
 
     runtime.add_cache_flags(p)
@@ -273,6 +279,8 @@ def check_args(args) -> None:
         problems.append(f"--people={args.people}: must be >= 1")
     elif args.people > 1 and not args.checkpoint:
         problems.append("--people scores images this tool generates: give --checkpoint")
+    if args.region and len(args.region) != args.people:
+        problems.append(f"{len(args.region)} --region for --people={args.people}: give one per person")
     if problems:
         raise cli.InputError("; ".join(problems))
 

@@ -234,3 +234,5 @@ def test_evaluate_scores_each_persons_crop_against_the_group(demo_workdir, tmp_p
     assert "closer to own" in (out / "people.md").read_text()
     assert evaluate.main([f"--generated={out / 'images'}", f"--references={refs}", "--people=2",
                           f"--out={tmp_path / 'x'}"]) == 2
+    assert evaluate.main([f"--checkpoint={workdir}", f"--references={refs}", f"--prompts={tmp_path / 'prompts.txt'}",
+                          "--people=2", "--region=0,0,40,64", "--region=30,0,64,64", f"--out={tmp_path / 'y'}"]) == 2
