@@ -32,7 +32,7 @@ import pytest
 REFERENCE = os.environ.get("CID_REFERENCE_REPO", "")
 pytestmark = pytest.mark.skipif(
     not REFERENCE, reason="set CID_REFERENCE_REPO to a checkout of JackAILab/ConsistentID to judge our "
-                          "preprocessing by the reference's own code")
+                          "preprocessing, inpainting and ControlNet images by the reference's own code")
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
