@@ -20,8 +20,8 @@ combination compiles once, as a new shape does.
 Serves on the local machine only (no public share link). The first request with a new step count
 or image count compiles that shape once (then the persistent cache keeps it for later runs).
 Programmatic use: `gradio_client.Client(url).predict(photo, prompt, ..., api_name="/generate")`; the
-inputs after the image count (the edit picture with its mask layers, the strength, then mode, picture
-and scale per ControlNet) may be left out.
+inputs after the image count are optional and named: edit (picture + mask layers), strength,
+second_photo, areas, and control_mode_k / control_picture_k / control_scale_k per ControlNet.
 """
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ class Demo:
         images, timing = inference.generate_group(
             self.loaded, faces, regions, prompt, negative_prompt, seeds, steps=int(steps), guidance=float(guidance),
             merge_step=int(merge_step), sampler=self.args.sampler, height=self.height, width=self.width,
-            caption=self.args.caption, ip_scale=float(ip_scale), generator=self.generator)
+            caption=self.args.caption, ip_scale=float(ip_scale), generator=self.generator, programs=self.programs)
         texts = people.group_texts(prompt, negative_prompt, self.loaded.tokenizer, [f.part_names for f in faces],
                                    self.args.caption, self.loaded.metadata.get("pairing", "reference"))
         shown = np.full((self.height, self.width, 3), 255, np.uint8)

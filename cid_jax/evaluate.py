@@ -63,6 +63,20 @@ log = logging.getLogger("cid_jax.evaluate")
 # --------------------------------------------------------------------------------- generation
 
 
+def reference_face(analyzer, path, variant: str):
+    """A reference photo ready for the model (`sampling.face_batch`); a photo the analyzer cannot use
+    is an error naming it."""
+    from cid_jax import inference
+    from cid_jax import sampling as pl
+
+    photo = inference.read_image(str(path))
+    try:
+        return pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[variant].parse_size),
+                             analyzer.id_embedding(photo))
+    except cli.UserError as e:
+        raise type(e)(f"reference {path}: {e}") from None
+
+
 def generate_all(args, references, prompts, words, out: pathlib.Path) -> tuple[list[scoring.Generated], dict]:
     """Every reference x prompt x seed with the checkpoint, batched; returns the images' records and
     the timing (s/image with compile excluded; compile apart)."""
@@ -81,12 +95,7 @@ def generate_all(args, references, prompts, words, out: pathlib.Path) -> tuple[l
     size = args.size or inference.default_size(loaded, args.base)
     requests, records = [], []
     for name, path in references.items():
-        photo = inference.read_image(str(path))
-        try:
-            face = pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[variant].parse_size),
-                                 analyzer.id_embedding(photo))
-        except cli.UserError as e:
-            raise type(e)(f"reference {path}: {e}") from None
+        face = reference_face(analyzer, path, variant)
         for k, prompt in enumerate(prompts):
             text = scoring.fill(prompt, words.get(name, args.class_word))
             for seed in range(args.seed, args.seed + args.seeds):
@@ -139,14 +148,7 @@ def generate_groups(args, references, prompts, words, out: pathlib.Path) -> list
     masks = people.box_masks(boxes, size, size)
     people.check_masks(masks)
     guidance = args.guidance if args.guidance is not None else pl.VARIANT_DEFAULTS[loaded.model.variant].guidance
-    faces = {}
-    for name in names:
-        photo = inference.read_image(str(references[name]))
-        try:
-            faces[name] = pl.face_batch(photo, analyzer.label_map(photo, pl.VARIANT_DEFAULTS[variant].parse_size),
-                                        analyzer.id_embedding(photo))
-        except cli.UserError as e:
-            raise type(e)(f"reference {references[name]}: {e}") from None
+    faces = {name: reference_face(analyzer, references[name], variant) for name in names}
     seeds = list(range(args.seed, args.seed + args.seeds))
     records, generator = [], pl.Generator(loaded.model)
     for group in groups:

@@ -159,9 +159,9 @@ def edit_problems(args) -> list[str]:
 
 
 def group_problems(args) -> list[str]:
-    """What is wrong with the several-people flags (--image repeated, --region, --layout)."""
-    images = getattr(args, "images", None) or (args.image if isinstance(args.image, list) else [args.image])
-    if len(images) == 1 and not args.region and not args.layout:
+    """What is wrong with the several-people flags (`args.images`: every --image; --region, --layout)."""
+    images = args.images
+    if not is_group(args):
         return []
     problems = []
     if args.region and args.layout:

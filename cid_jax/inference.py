@@ -392,10 +392,12 @@ def generate(loaded: Loaded, image: np.ndarray, label_map: np.ndarray, id_embedd
 def generate_group(loaded: Loaded, faces: Sequence, region_masks: np.ndarray, prompt: str, negative_prompt: str,
                    seeds: Sequence[int], *, steps: int, guidance: float, merge_step: int, sampler: str, height: int,
                    width: int, caption: Optional[str] = None, ip_scale: float = 1.0,
-                   generator=None) -> tuple[np.ndarray, Timing]:
+                   generator=None, programs: Optional[dict] = None) -> tuple[np.ndarray, Timing]:
     """uint8 images [len(seeds), H, W, 3] of several people in one picture (`cid_jax.people`):
     `faces` (`sampling.face_batch` each) and `region_masks` [P, height, width] in {0, 1}, one per
-    face, non-overlapping. One compiled call for all seeds."""
+    face, non-overlapping. One compiled call for all seeds; `programs` keeps the compiled ones
+    across calls (the app), as in `generate_requests`."""
+    import jax
     import jax.numpy as jnp
 
     from cid_jax import people
@@ -409,15 +411,19 @@ def generate_group(loaded: Loaded, faces: Sequence, region_masks: np.ndarray, pr
     log.info("facial prompt (%d people): %s", len(faces), texts[0].prompt_face)
     inputs = people.group_inputs(faces, texts, people.latent_masks(region_masks, loaded.model.vae.config.downscale),
                                  len(seeds))
-    for text in texts[:1]:
-        pl.check_token_ids(pl.model_inputs([faces[0]], [text]), loaded.model.text_encoders[0].config.vocab_size)
+    pl.check_token_ids(inputs["person_0"], loaded.model.text_encoders[0].config.vocab_size)
     noise = pl.initial_noise(seeds, pl.latent_shape(loaded.model, height, width))
     state = pl.scheduler_state(sampler, steps, loaded.noise_config)
     generator = generator if generator is not None else pl.Generator(loaded.model)
+    programs = {} if programs is None else programs
     timing = Timing(images=len(seeds))
-    t0 = time.perf_counter()
-    compiled = generator.compile(loaded.frozen, loaded.trainable, inputs, noise, state)
-    timing.compile_s = time.perf_counter() - t0
+    key = ("people", str(jax.tree.structure(inputs)), tuple(np.shape(x) for x in jax.tree.leaves(inputs)),
+           noise.shape, tuple(np.shape(x) for x in jax.tree.leaves(state)), id(generator.model))
+    if key not in programs:
+        t0 = time.perf_counter()
+        programs[key] = generator.compile(loaded.frozen, loaded.trainable, inputs, noise, state)
+        timing.compile_s = time.perf_counter() - t0
+    compiled = programs[key]
     t0 = time.perf_counter()
     images, _ = compiled(loaded.frozen, loaded.trainable, inputs, noise, state, jnp.int32(merge_step),
                          jnp.float32(guidance), jnp.float32(ip_scale))
