@@ -521,6 +521,7 @@ def _main(argv) -> int:
         raise cli.InputError("; ".join(problems))
     from cid_jax import paths
 
+    paths.check_writable(paths.path(args.out).parent, "--out")  # before the work, not after it
     base = paths.local_copy(args.base)  # a gs:// folder is copied once into the local cache
     if args.image_encoder:
         args.image_encoder = str(paths.local_copy(args.image_encoder))
@@ -572,7 +573,8 @@ def _main(argv) -> int:
                    controls=controls)
     from PIL import Image
 
-    Image.fromarray(pl.to_uint8(images)[0]).save(args.out)
+    # Local or remote (gs://...), whole or not at all, as generate writes.
+    paths.write_atomic(args.out, lambda tmp: Image.fromarray(pl.to_uint8(images)[0]).save(tmp, format="PNG"))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

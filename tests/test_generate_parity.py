@@ -192,6 +192,9 @@ def test_both_command_lines_keep_right_side_parts(setup, tmp_path, capsys, caplo
     ours_prompt = [r.getMessage() for r in caplog.records if r.getMessage().startswith("facial prompt:")]
     rp = _run_pytorch_module()
     heads = inference_demo_config().model.facial_encoder.heads
+    (tmp_path / "a_file").write_text("")
+    assert rp.main(common + [f"--out={tmp_path / 'a_file' / 'torch.png'}"]) == 2  # refused before any work
+    assert "--out=" in capsys.readouterr().err
     assert rp.main(common + [f"--facial_encoder_heads={heads}", f"--out={tmp_path / 'torch.png'}"]) == 0
     theirs_prompt = [line for line in capsys.readouterr().err.splitlines() if line.startswith("facial prompt:")]
     prompts = ours_prompt + theirs_prompt
