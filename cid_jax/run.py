@@ -156,6 +156,25 @@ def _bound_orbax_store_retries() -> None:
         defaults.update(store_retries())
 
 
+# orbax's replica-parallel save splits every replicated array into one slice per replica (each
+# written from its own device), which pays for large arrays; for a small one each slice costs a copy
+# and a compiled slice program and gains nothing. Arrays whose per-replica slice would be under this
+# size are written whole from one device: the demo's saves (several hundred small arrays, 8 CPU
+# devices) take a third of the time; SD1.5-size arrays keep the parallel save.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _small_arrays_from_one_replica() -> None:
+    """Registers orbax's jax.Array handler (as its default, metadata store included) with the slice floor."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                                  min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES),
+        override=True)
+
+
 def checkpoint_manager(run: RunDir, config=None, *, read_only: bool = False):
     """The orbax CheckpointManager of the run (`config` sets interval, keep and async saving)."""
     import orbax.checkpoint as ocp
@@ -173,6 +192,7 @@ def checkpoint_manager(run: RunDir, config=None, *, read_only: bool = False):
                                          handler_registry=_handlers())
         finally:
             absl_logger.setLevel(level)
+    _small_arrays_from_one_replica()
     c = config.checkpoint
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=c.every_steps, max_to_keep=c.keep,
