@@ -21,6 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_device_count(xla_flags: str, devices: int) -> str:
+    """`xla_flags` with the simulated CPU device count set to `devices` (the caller's other XLA
+    flags are kept)."""
+    kept = [f for f in xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def start(num_processes: int, devices_per_process: int, args: list[str],
           module: str = "cid_jax.train", env: dict | None = None, **popen) -> list[subprocess.Popen]:
     """The N processes, started (a caller that signals one host, as a preemption would, keeps them)."""
@@ -29,7 +36,7 @@ def start(num_processes: int, devices_per_process: int, args: list[str],
     for pid in range(num_processes):
         penv = dict(os.environ if env is None else env)
         penv["JAX_PLATFORMS"] = "cpu"
-        penv["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+        penv["XLA_FLAGS"] = with_device_count(penv.get("XLA_FLAGS", ""), devices_per_process)
         cmd = [sys.executable, "-m", module, f"--coordinator_address={address}",
                f"--num_processes={num_processes}", f"--process_id={pid}", *args]
         procs.append(subprocess.Popen(cmd, env=penv, **popen))
