@@ -68,9 +68,10 @@ def demo_workdir(tmp_path_factory):
 
 # The longest test files, longest first (from CI's --durations). Two xdist workers take whole files in
 # collection order, so starting these first keeps one long file from running alone at the end.
-LONGEST_FIRST = ("test_pod_path.py", "test_aot.py", "test_reliability.py", "test_train.py", "test_serving.py",
-                 "test_train_step.py", "test_finetune_and_evaluate.py", "test_fast_start.py",
-                 "test_generate_parity.py", "test_people.py", "test_generate.py", "test_app.py")
+LONGEST_FIRST = ("test_pod_path.py", "test_fast_start.py", "test_reliability.py", "test_finetune_and_evaluate.py",
+                 "test_train.py", "test_serving.py", "test_aot.py", "test_people.py", "test_generate_parity.py",
+                 "test_train_step.py", "test_consistentid_weights.py", "test_generate_sdxl.py", "test_app.py",
+                 "test_generate.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
