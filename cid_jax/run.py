@@ -176,7 +176,9 @@ def _small_arrays_from_one_replica() -> None:
 
 
 def checkpoint_manager(run: RunDir, config=None, *, read_only: bool = False):
-    """The orbax CheckpointManager of the run (`config` sets interval, keep and async saving)."""
+    """The orbax CheckpointManager of the run (`config` sets interval, keep and async saving). A
+    writing manager also sets orbax's jax.Array handler to `REPLICA_PARALLEL_MIN_BYTES` (process-wide:
+    orbax's handler registry is global)."""
     import orbax.checkpoint as ocp
 
     _bound_orbax_store_retries()
